@@ -1,0 +1,44 @@
+"""resweep: resumable, persistent experiment sweeps that survive anything."""
+
+from __future__ import annotations
+
+from resweep.cache import Replay, cached
+from resweep.errors import (
+    CacheKeyError,
+    CacheMiss,
+    ConfigError,
+    LockedError,
+    ResultError,
+    ResweepError,
+    StateError,
+    UnknownConfigError,
+)
+from resweep.experiment import Context, Experiment, RunReport, WorkerSetup
+from resweep.summary import ExperimentView, load_summary
+from resweep.summary import open_experiment as open
+from resweep.sweeps import grid, load_configs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheKeyError",
+    "CacheMiss",
+    "ConfigError",
+    "Context",
+    "Experiment",
+    "ExperimentView",
+    "LockedError",
+    "Replay",
+    "ResultError",
+    "ResweepError",
+    "RunReport",
+    "StateError",
+    "UnknownConfigError",
+    "WorkerSetup",
+    "__version__",
+    "cached",
+    "grid",
+    "load_configs",
+    "load_summary",
+    "open",
+]

@@ -1,0 +1,167 @@
+"""The command line: a thin fire class whose every method calls the public API."""
+
+from __future__ import annotations
+
+import datetime
+import json as jsonlib
+import sys
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import yaml
+
+from resweep.errors import CacheMiss, ResweepError
+
+if TYPE_CHECKING:
+    from resweep.experiment import Experiment
+
+# Options whose values are names or patterns: always strings, never numbers.
+_STRING_OPTIONS = ("--config", "--only", "--scheduler")
+_NAME_COMMANDS = ("show",)
+
+
+def _quote_names(argv: list[str]) -> list[str]:
+    """Make fire take config names as strings: `show 007` means the config named '007'."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        for option in _STRING_OPTIONS:
+            if arg.startswith(option + "="):
+                out[i] = f"{option}={out[i][len(option) + 1 :]!r}"
+            elif arg == option and i + 1 < len(out):
+                out[i + 1] = repr(argv[i + 1])
+    if out and out[0] in _NAME_COMMANDS and len(out) > 1 and not out[1].startswith("--"):
+        out[1] = repr(argv[1])
+    return out
+
+
+def _elapsed(start_time: str | None) -> str:
+    if not start_time:
+        return "?"
+    try:
+        started = datetime.datetime.fromisoformat(start_time)
+    except ValueError:
+        return "?"
+    seconds = (datetime.datetime.now().astimezone() - started).total_seconds()
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f}min"
+
+
+def _exit(code: int) -> NoReturn:
+    sys.stdout.flush()
+    raise SystemExit(code)
+
+
+class CLI:
+    """Run and inspect the experiment: run, status, replay, force_summary, clean_index, show."""
+
+    def __init__(self, experiment: Experiment) -> None:
+        self._experiment = experiment
+
+    def run(
+        self,
+        max_workers: int = 1,
+        retry_failed: bool = False,
+        backend: str = "loky",
+        scheduler: str | None = None,
+        only: str | None = None,
+        fresh: bool = False,
+        dry_run: bool = False,
+        rerun_changed: bool = False,
+        break_lock: bool = False,
+        progress: bool = True,
+    ) -> None:
+        """Run every config that is not done; Ctrl-C saves and stops (exit 130)."""
+        report = self._experiment.run(
+            max_workers,
+            retry_failed=retry_failed,
+            backend=backend,
+            only=only,
+            fresh=fresh,
+            progress=progress,
+            break_lock=break_lock,
+            scheduler=scheduler,
+        )
+        print(
+            f"done {report.done}, failed {report.failed}, todo {report.todo}"
+            + (f", interrupted {report.interrupted} ({report.signal})" if report.signal else "")
+        )
+        if report.failed:
+            print("failed configs: `status --failed` lists them; `run --retry-failed` retries them")
+        _exit(report.exit_code)
+
+    def status(self, failed: bool = False, json: bool = False) -> None:
+        """Counts by status, the configs running now, and with --failed each failure's error."""
+        state = self._experiment.read_state()
+        counts = state.counts()
+        running = {n: r for n, r in state.configs.items() if r["status"] == "running"}
+        active = self._experiment.store.active_run()
+        failures = {n: r.get("error") for n, r in state.configs.items() if r["status"] == "failed"}
+        if json:
+            hits = sum(r.get("cache_hits") or 0 for r in state.configs.values())
+            misses = sum(r.get("cache_misses") or 0 for r in state.configs.values())
+            payload: dict[str, Any] = {
+                "name": state.name,
+                "counts": counts,
+                "total": len(state.configs),
+                "running": {n: r.get("start_time") for n, r in running.items()},
+                "active_run": active.__dict__ if active else None,
+                "cache": {"hits": hits, "misses": misses},
+            }
+            if failed:
+                payload["failed"] = failures
+            print(jsonlib.dumps(payload, indent=2))
+            return
+        title = state.name or self._experiment.store.root.name
+        summary = ", ".join(f"{k} {v}" for k, v in counts.items())
+        print(f"{title}: {len(state.configs)} configs: {summary}")
+        if running:
+            if active is None:
+                print(
+                    f"{len(running)} left running by a run that stopped; the next run settles them"
+                )
+            else:
+                print(f"running now ({active.describe()}):")
+                for name, record in running.items():
+                    print(f"  {name}  {_elapsed(record.get('start_time'))}")
+        if failed:
+            for name, error in failures.items():
+                print(f"  {name}: {error}")
+
+    def replay(self, config: str | None = None) -> None:
+        """Re-run done configs here with every cached call answered from the cache."""
+        try:
+            outcome = self._experiment.replay(config)
+        except CacheMiss as miss:
+            print(f"CacheMiss: {miss}", file=sys.stderr)
+            _exit(2)
+        replays = outcome if isinstance(outcome, list) else [outcome]
+        for replay in replays:
+            print(replay.describe())
+        differ = sum(not r.equal for r in replays)
+        print(f"replayed {len(replays)}: {len(replays) - differ} equal, {differ} differ")
+        _exit(1 if differ else 0)
+
+    def force_summary(self) -> None:
+        """Write summary.csv now, whatever the configs' statuses."""
+        print(self._experiment.save_summary(force=True))
+
+    def clean_index(self) -> None:
+        """Drop from the state the configs the script no longer declares."""
+        dropped = self._experiment.clean_index()
+        print(f"dropped {len(dropped)} configs" + "".join(f"\n  {n}" for n in dropped))
+
+    def show(self, name: str) -> None:
+        """Everything recorded about one config."""
+        record = self._experiment.record(str(name))
+        shown = {"name": str(name), **record}
+        print(yaml.safe_dump(shown, sort_keys=False, allow_unicode=True, width=100).rstrip())
+
+
+def main(experiment: Experiment, argv: list[str] | None = None) -> None:
+    """Run the CLI; ResweepError becomes one line on stderr and exit status 2."""
+    import fire
+
+    args = _quote_names(sys.argv[1:] if argv is None else argv)
+    try:
+        fire.Fire(CLI(experiment), command=args, name=sys.argv[0].rsplit("/", 1)[-1])
+    except ResweepError as error:
+        print(f"error: {error}", file=sys.stderr)
+        _exit(2)

@@ -1,0 +1,35 @@
+"""ResweepError and its subclasses: every error resweep raises on purpose."""
+
+from __future__ import annotations
+
+
+class ResweepError(Exception):
+    """Base of every error resweep raises on purpose; the CLI prints it as one line."""
+
+
+class ConfigError(ResweepError):
+    """The configs or their names are unusable: caught before anything runs."""
+
+
+class StateError(ResweepError):
+    """The state file on disk cannot be read or does not match this experiment."""
+
+
+class UnknownConfigError(ResweepError):
+    """A config name that the experiment does not have."""
+
+
+class ResultError(ResweepError):
+    """A config returned something that cannot be stored as YAML."""
+
+
+class LockedError(ResweepError):
+    """Another run holds the experiment directory."""
+
+
+class CacheMiss(ResweepError):
+    """A replayed config made a cached call that was never recorded."""
+
+
+class CacheKeyError(ResweepError):
+    """A cached call has an argument that has no canonical, process-independent encoding."""

@@ -1,0 +1,233 @@
+"""Canonical form of a config and its name: what makes two configs the same."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import re
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from resweep.errors import ConfigError
+
+# Longest default name made of key=value pairs; longer ones become a hash.
+MAX_READABLE_NAME_CHARS = 64
+# Longest name accepted at all: room for a file name on every common filesystem.
+MAX_NAME_CHARS = 200
+HASH_HEX_DIGITS = 12
+
+Params = dict[str, Any]
+
+_SAFE_TOKEN = re.compile(r"[A-Za-z0-9_.+-]+\Z")
+_SCALAR_WORDS = {"true", "false", "none", "null", "yes", "no", "on", "off", "~"}
+_UNSAFE_NAME_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")
+_MISSING = dataclasses.MISSING
+
+
+class _FieldInfo(typing.NamedTuple):
+    name: str
+    kind: type | None  # float or int when the declared type makes 1 and 1.0 differ
+    default: Any  # canonical default, or _MISSING
+
+
+_FIELD_CACHE: dict[type, tuple[_FieldInfo, ...]] = {}
+
+
+def _numeric_kind(hint: Any) -> type | None:
+    """The one numeric type a field declares, or None when it declares several or none."""
+    if hint is float or hint is int:
+        return typing.cast(type, hint)
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        numeric = [a for a in typing.get_args(hint) if a in (int, float)]
+        if len(numeric) == 1:
+            return typing.cast(type, numeric[0])
+    return None
+
+
+def _fields_of(cls: type) -> tuple[_FieldInfo, ...]:
+    cached = _FIELD_CACHE.get(cls)
+    if cached is not None:
+        return cached
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # unresolvable forward references: fall back to no type information
+        hints = {}
+    infos = []
+    for f in dataclasses.fields(cls):
+        kind = _numeric_kind(hints.get(f.name))
+        if f.default is not _MISSING:
+            default = _canon_value(f.default, kind, f.name)
+        elif f.default_factory is not _MISSING:
+            default = _canon_value(f.default_factory(), kind, f.name)
+        else:
+            default = _MISSING
+        infos.append(_FieldInfo(f.name, kind, default))
+    result = tuple(infos)
+    _FIELD_CACHE[cls] = result
+    return result
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that keeps 1, 1.0 and True apart, as the canonical form does."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict | list):
+        return _dumps(a) == _dumps(b)
+    return bool(a == b)
+
+
+def _canon_dataclass(obj: Any, keep_defaults: bool = False) -> Params:
+    out: Params = {}
+    for info in _fields_of(type(obj)):
+        value = _canon_value(getattr(obj, info.name), info.kind, info.name, keep_defaults)
+        if not keep_defaults and info.default is not _MISSING and _same(value, info.default):
+            continue  # adding a field with a default keeps every identity
+        out[info.name] = value
+    return dict(sorted(out.items()))
+
+
+def _canon_value(value: Any, kind: type | None, where: str, keep_defaults: bool = False) -> Any:
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        if kind is float:
+            return float(value)
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _canon_dataclass(value)
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(
+                    f"{where}: key {k!r} is not a string; config keys must be strings"
+                )
+            out[k] = _canon_value(v, None, f"{where}.{k}")
+        return dict(sorted(out.items()))
+    if isinstance(value, list | tuple):
+        return [_canon_value(v, None, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, enum.Enum):
+        return _canon_value(value.value, kind, where)
+    item = getattr(value, "item", None)
+    if type(value).__module__ == "numpy" and callable(item):
+        return _canon_value(item(), kind, where)
+    raise ConfigError(
+        f"{where}: {type(value).__name__} is not YAML-safe; use str, int, float, bool, None, "
+        "lists, dicts or nested dataclasses"
+    )
+
+
+def canonical(config: Any, *, keep_defaults: bool = False) -> Params:
+    """The config as plain sorted data, defaults left out: its identity.
+
+    With keep_defaults, every field is kept: the params a person reads in the state and summary.
+    """
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return _canon_dataclass(config, keep_defaults)
+    if isinstance(config, Mapping):
+        return typing.cast(Params, _canon_value(config, None, "config", keep_defaults))
+    raise ConfigError(
+        f"a config is a {type(config).__name__}; configs must be dataclass instances or dicts"
+    )
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def config_hash(params: Params) -> str:
+    """A 12-hex-digit digest of the canonical form, the same on every machine."""
+    return hashlib.sha256(_dumps(params).encode()).hexdigest()[:HASH_HEX_DIGITS]
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for key, value in params.items():
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _token(value: Any) -> str | None:
+    """A value as an unambiguous file-name token, or None when it has none."""
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, int | float):
+        text = repr(value)
+        return text if _SAFE_TOKEN.match(text) else None
+    if isinstance(value, str) and _SAFE_TOKEN.match(value):
+        # A string that reads as a number or a keyword would collide with that value's token.
+        if value.lower() in _SCALAR_WORDS:
+            return None
+        try:
+            float(value)
+        except ValueError:
+            return value
+    return None
+
+
+def default_name(params: Params) -> str:
+    """Readable key=value pairs when short and unambiguous, else a hash of the canonical form."""
+    parts = []
+    for key, value in _flatten(params):
+        token = _token(value)
+        if token is None or not _SAFE_TOKEN.match(key):
+            return config_hash(params)
+        parts.append(f"{key}={token}")
+    name = ",".join(parts)
+    if not name or len(name) > MAX_READABLE_NAME_CHARS:
+        return config_hash(params)
+    return name
+
+
+def check_name(name: object, where: str) -> str:
+    """The name itself when it is safe as a directory name, else a ConfigError."""
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: config_naming returned {type(name).__name__}, not a str")
+    problem = None
+    if not name or name.strip() != name:
+        problem = "is empty or has leading or trailing spaces"
+    elif name in (".", ".."):
+        problem = "is a relative directory"
+    elif _UNSAFE_NAME_CHARS.search(name):
+        problem = "contains '/', '\\' or a control character"
+    elif len(name) > MAX_NAME_CHARS:
+        problem = f"is longer than {MAX_NAME_CHARS} characters"
+    elif name.startswith("-"):
+        problem = "starts with '-', which a command line would take for an option"
+    if problem:
+        raise ConfigError(f"{where}: config name {name!r} {problem}; fix config_naming")
+    return name
+
+
+def name_configs(
+    configs: Sequence[Any], naming: Callable[[Any], str] | None = None
+) -> dict[str, tuple[Any, Params]]:
+    """Every config by name with its full params; unsafe or duplicate names fail here."""
+    named: dict[str, tuple[Any, Params]] = {}
+    identities: dict[str, Params] = {}
+    folded: dict[str, str] = {}
+    for index, config in enumerate(configs):
+        try:
+            params = canonical(config)
+            full = canonical(config, keep_defaults=True)
+        except ConfigError as error:
+            raise ConfigError(f"config #{index}: {error}") from None
+        name = check_name(naming(config) if naming else default_name(params), f"config #{index}")
+        # Two names differing only in case share one directory on macOS and Windows.
+        clash = folded.get(name.casefold())
+        if clash is not None:
+            same = identities[clash] == params and clash == name
+            detail = "the same config twice" if same else f"clashes with {clash!r}"
+            raise ConfigError(f"config #{index}: name {name!r} is {detail}; names must be unique")
+        folded[name.casefold()] = name
+        identities[name] = params
+        named[name] = (config, full)
+    return named

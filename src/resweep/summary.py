@@ -1,0 +1,177 @@
+"""summary.csv, load_summary() and open(): the results, for a notebook."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from resweep.errors import ResweepError, StateError
+from resweep.store import State, Store, write_atomic
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+SUMMARY_FILE = "summary.csv"
+_LEAD = ("name", "status")
+_TAIL = ("duration_s", "attempts", "error", "cache_hits", "cache_misses")
+_TEXT_COLUMNS = ("name", "status", "error")
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            _flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
+    elif prefix:
+        out[prefix] = value
+
+
+def rows(state: State) -> tuple[list[str], list[dict[str, Any]]]:
+    """One flat row per config and the columns in order: lead, params, results, tail."""
+    param_cols: dict[str, None] = {}
+    result_cols: dict[str, None] = {}
+    flat_rows = []
+    for name, record in state.configs.items():
+        params: dict[str, Any] = {}
+        _flatten(record.get("params") or {}, "", params)
+        result: dict[str, Any] = {}
+        raw = record.get("result")
+        if isinstance(raw, dict):
+            _flatten(raw, "", result)
+        elif raw is not None:
+            result["result"] = raw
+        param_cols.update(dict.fromkeys(params))
+        result_cols.update(dict.fromkeys(result))
+        flat_rows.append((name, record, params, result))
+    taken = set(_LEAD) | set(param_cols) | set(_TAIL)
+    # A result key that clashes with a param or a fixed column gets the prefix "result.".
+    renamed = {key: (f"result.{key}" if key in taken else key) for key in result_cols}
+    columns = [*_LEAD, *param_cols, *renamed.values(), *_TAIL]
+    out = []
+    for name, record, params, result in flat_rows:
+        row: dict[str, Any] = {"name": name, "status": record["status"], **params}
+        for key, value in result.items():
+            row[renamed[key]] = value
+        for key in _TAIL:
+            row[key] = record.get(key)
+        row["cache_hits"] = row["cache_hits"] or 0
+        row["cache_misses"] = row["cache_misses"] or 0
+        out.append(row)
+    return columns, out
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, list | dict):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def save_summary(store: Store, *, force: bool = False, state: State | None = None) -> Path:
+    """Write summary.csv atomically; without force, only when every config is done."""
+    if state is None:
+        state = store.read()
+    counts = state.counts()
+    if not force and counts["done"] != len(state.configs):
+        pending = ", ".join(f"{v} {k}" for k, v in counts.items() if v and k != "done")
+        raise ResweepError(
+            f"not every config is done ({pending}); run the rest, or force the summary"
+        )
+    columns, table = rows(state)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([_cell(row.get(c)) for c in columns] for row in table)
+    path = store.root / SUMMARY_FILE
+    write_atomic(path, buffer.getvalue())
+    return path
+
+
+def load_summary(output_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """summary.csv of an experiment directory as a DataFrame, numbers as numbers."""
+    import pandas as pd
+
+    path = Path(output_dir) / SUMMARY_FILE
+    if not path.exists():
+        raise StateError(
+            f"no {SUMMARY_FILE} in {Path(output_dir).absolute()}; it is written when every config "
+            "is done, or by force_summary"
+        )
+    frame = pd.read_csv(path, dtype=dict.fromkeys(_TEXT_COLUMNS, "string"), keep_default_na=True)
+    if "status" in frame:
+        frame["status"] = frame["status"].astype("category")
+    return frame
+
+
+def _frame(columns: list[str], table: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
+    frame = pd.DataFrame(list(table), columns=columns)
+    for column in _TEXT_COLUMNS:
+        if column in frame:
+            frame[column] = frame[column].astype("string")
+    if "status" in frame:
+        frame["status"] = frame["status"].astype("category")
+    return frame.convert_dtypes(convert_string=False, convert_integer=True, convert_boolean=True)
+
+
+class ExperimentView:
+    """A read-only view of an experiment directory, without the script that made it."""
+
+    def __init__(self, output_dir: str | os.PathLike[str]) -> None:
+        self.store = Store(output_dir)
+        self._state = self.store.read()
+
+    @property
+    def name(self) -> str | None:
+        return self._state.name
+
+    @property
+    def description(self) -> str | None:
+        return self._state.description
+
+    def refresh(self) -> ExperimentView:
+        """Read the state again (a run may still be going)."""
+        self._state = self.store.read()
+        return self
+
+    def status(self) -> dict[str, int]:
+        return self._state.counts()
+
+    @property
+    def configs(self) -> pd.DataFrame:
+        """Every config: name, status, attempts and params, one row each."""
+        columns, table = rows(self._state)
+        params = self._param_columns()
+        return _frame(["name", "status", "attempts", *[c for c in columns if c in params]], table)
+
+    @property
+    def results(self) -> pd.DataFrame:
+        """The done configs with their params and results: the summary, read from the state."""
+        columns, table = rows(self._state)
+        return _frame(columns, [row for row in table if row["status"] == "done"])
+
+    def summary(self) -> pd.DataFrame:
+        """Every config, in the summary's columns, whether or not summary.csv exists yet."""
+        columns, table = rows(self._state)
+        return _frame(columns, table)
+
+    def _param_columns(self) -> set[str]:
+        out: dict[str, Any] = {}
+        for record in self._state.configs.values():
+            _flatten(record.get("params") or {}, "", out)
+        return set(out)
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{k} {v}" for k, v in self.status().items())
+        return f"<resweep experiment {self.name!r} at {self.store.root}: {counts}>"
+
+
+def open_experiment(output_dir: str | os.PathLike[str]) -> ExperimentView:
+    """Open an experiment directory for reading, in a notebook."""
+    return ExperimentView(output_dir)
