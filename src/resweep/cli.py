@@ -69,6 +69,13 @@ class CLI:
         progress: bool = True,
     ) -> None:
         """Run every config that is not done; Ctrl-C saves and stops (exit 130)."""
+        if dry_run:
+            print(
+                self._experiment.plan(
+                    retry_failed=retry_failed, only=only, rerun_changed=rerun_changed
+                ).describe()
+            )
+            return
         report = self._experiment.run(
             max_workers,
             retry_failed=retry_failed,
@@ -78,6 +85,7 @@ class CLI:
             progress=progress,
             break_lock=break_lock,
             scheduler=scheduler,
+            rerun_changed=rerun_changed,
         )
         print(
             f"done {report.done}, failed {report.failed}, todo {report.todo}"

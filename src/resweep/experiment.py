@@ -18,6 +18,8 @@ from resweep.store import State, Store
 if TYPE_CHECKING:
     import pandas as pd
 
+    from resweep.runner import Plan
+
 T = TypeVar("T")
 BACKENDS = ("loky", "threading", "sequential", "dask")
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -175,8 +177,14 @@ class Experiment:
         progress: bool = True,
         break_lock: bool = False,
         scheduler: str | None = None,
+        rerun_changed: bool = False,
     ) -> RunReport:
-        """Run every todo config (and failed ones with retry_failed); resumable at any point."""
+        """Run every todo config (and failed ones with retry_failed); resumable at any point.
+
+        Beyond the contract: break_lock takes over a lock whose holder cannot be proven dead,
+        scheduler is a Dask scheduler address, rerun_changed also runs done configs whose code
+        fingerprint differs from the current code.
+        """
         if backend not in BACKENDS:
             raise ResweepError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
@@ -197,6 +205,25 @@ class Experiment:
             progress=progress,
             break_lock=break_lock,
             scheduler=scheduler,
+            rerun_changed=rerun_changed,
+        )
+
+    def plan(
+        self, *, retry_failed: bool = False, only: str | None = None, rerun_changed: bool = False
+    ) -> Plan:
+        """What run() would do now, by category; reads the state and writes nothing."""
+        from resweep import provenance, runner
+
+        named = self.named_configs()
+        store = self.store
+        state = store.read() if store.exists() else State()
+        return runner.plan(
+            state,
+            named,
+            retry_failed=retry_failed,
+            only=None if only is None else str(only),
+            rerun_changed=rerun_changed,
+            fingerprint=provenance.fingerprint(self.function),
         )
 
     def status(self) -> dict[str, int]:

@@ -60,6 +60,9 @@ class Job:
     cache: bool
     coordinator_pid: int
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Recorded with every done config: which run session and which code produced it.
+    session: str | None = None
+    fingerprint: str | None = None
 
 
 @dataclass(slots=True)
@@ -401,6 +404,7 @@ class _Scheduler:
         self.failed = 0
         self.last_compaction = time.monotonic()
         self.compaction_s = 0.0
+        self.interrupted = 0
         if backend == "loky":
             import cloudpickle
 
@@ -463,7 +467,9 @@ class _Scheduler:
                 task = self.in_flight.pop(outcome.name)
                 self.executed += 1
                 fields = outcome.fields()
+                fields["session"] = self.job.session
                 if outcome.ok:
+                    fields["fingerprint"] = self.job.fingerprint
                     self.done += 1
                 elif task.failures < self.retries:
                     task.failures += 1
@@ -590,6 +596,75 @@ def _recover(store: Store, state: State) -> int:
     return count
 
 
+@dataclass
+class Plan:
+    """What a run would do: the configs it would run, by why, and those it would leave."""
+
+    new: list[str]
+    todo: list[str]
+    failed: list[str]
+    changed: list[str]
+    done: int
+    skipped_failed: int
+    running: list[str]
+
+    @property
+    def to_run(self) -> list[str]:
+        return [*self.new, *self.todo, *self.failed, *self.changed]
+
+    def describe(self, *, names: bool = True) -> str:
+        lines = [
+            f"would run {len(self.to_run)} configs: {len(self.new)} new, {len(self.todo)} todo, "
+            f"{len(self.failed)} failed, {len(self.changed)} done but changed; "
+            f"would leave {self.done} done"
+            + (
+                f" and {self.skipped_failed} failed (add --retry-failed)"
+                if self.skipped_failed
+                else ""
+            )
+        ]
+        if self.running:
+            lines.append(f"{len(self.running)} are marked running by another or a stopped run")
+        if names:
+            for label, group in (("new", self.new), ("todo", self.todo), ("failed", self.failed)):
+                lines += [f"  {label:7} {n}" for n in group]
+            lines += [f"  changed {n}" for n in self.changed]
+        return "\n".join(lines)
+
+
+def plan(
+    state: State,
+    named: dict[str, tuple[Any, dict[str, Any]]],
+    *,
+    retry_failed: bool,
+    only: str | None,
+    rerun_changed: bool,
+    fingerprint: str | None,
+) -> Plan:
+    """Decide which configs a run takes; reads the state, changes nothing."""
+    result = Plan([], [], [], [], 0, 0, [])
+    for name in select(list(named), only):
+        record = state.configs.get(name)
+        status = record["status"] if record is not None else None
+        if record is None:
+            result.new.append(name)
+        elif status in ("todo", "running"):
+            # A config left running by a dead run is todo again (or done, once settled).
+            result.todo.append(name)
+            if status == "running":
+                result.running.append(name)
+        elif status == "failed":
+            if retry_failed:
+                result.failed.append(name)
+            else:
+                result.skipped_failed += 1
+        elif rerun_changed and record.get("fingerprint") not in (None, fingerprint):
+            result.changed.append(name)
+        else:
+            result.done += 1
+    return result
+
+
 def run_experiment(
     experiment: Experiment,
     named: dict[str, tuple[Any, dict[str, Any]]],
@@ -602,8 +677,11 @@ def run_experiment(
     progress: bool,
     break_lock: bool,
     scheduler: str | None,
+    rerun_changed: bool = False,
 ) -> RunReport:
     """One run: take the lock, bring the state up to date, run what is pending, compact."""
+    from resweep import provenance
+
     if backend == "dask":
         raise ResweepError("the dask backend is not available in this version of resweep")
     store = experiment.store
@@ -612,11 +690,24 @@ def run_experiment(
         state = store.read() if store.exists() else State()
         _merge(state, experiment, named)
         _recover(store, state)
-        wanted = ("todo", "failed") if retry_failed else ("todo",)
-        names = [n for n in select(list(named), only) if state.configs[n]["status"] in wanted]
-        store.compact(state)
+        fingerprint = provenance.fingerprint(experiment.function)
+        names = plan(
+            state,
+            named,
+            retry_failed=retry_failed,
+            only=only,
+            rerun_changed=rerun_changed,
+            fingerprint=fingerprint,
+        ).to_run
         scheduler_obj = None
-        if names:
+        if not names:
+            store.compact(state)
+        else:
+            session, session_record = provenance.new_session(
+                experiment.function, backend=backend, max_workers=max_workers
+            )
+            state.sessions[session] = session_record
+            store.compact(state)
             if fresh:
                 cache.drop(store.root, names)
             setup = experiment.setup
@@ -630,40 +721,43 @@ def run_experiment(
                 per_worker=setup.per_worker if setup is not None else None,
                 cache=experiment.cache,
                 coordinator_pid=os.getpid(),
+                session=session,
+                fingerprint=fingerprint,
             )
             tasks = [Task(n, named[n][0]) for n in names]
             recorder = Recorder(store, state)
-            scheduler_obj = _Scheduler(
-                job,
-                tasks,
-                recorder,
-                backend=backend,
-                max_workers=max_workers,
-                retries=experiment.retries,
-                progress=progress,
-            )
             try:
+                scheduler_obj = _Scheduler(
+                    job,
+                    tasks,
+                    recorder,
+                    backend=backend,
+                    max_workers=max_workers,
+                    retries=experiment.retries,
+                    progress=progress,
+                )
                 with routed_output():
                     scheduler_obj.run()
             except BaseException as error:
                 _write_run_failure(store, error)
                 raise
             finally:
+                session_record["end_time"] = now_iso()
                 recorder.close()
         counts = state.counts()
-        if counts["done"] == len(state.configs) and scheduler_obj is not None:
+        summary_missing = not (store.root / "summary.csv").exists()
+        if counts["done"] == len(state.configs) and (scheduler_obj is not None or summary_missing):
             from resweep import summary
 
             summary.save_summary(store, force=True, state=state)
+    stop = scheduler_obj.stop if scheduler_obj is not None else None
     return RunReport(
         done=counts["done"],
         failed=counts["failed"],
         todo=counts["todo"] + counts["running"],
-        interrupted=getattr(scheduler_obj, "interrupted", 0),
-        executed=scheduler_obj.executed if scheduler_obj else 0,
-        signal=scheduler_obj.stop.signal_name
-        if scheduler_obj and scheduler_obj.stop.requested
-        else None,
+        interrupted=scheduler_obj.interrupted if scheduler_obj is not None else 0,
+        executed=scheduler_obj.executed if scheduler_obj is not None else 0,
+        signal=stop.signal_name if stop is not None and stop.requested else None,
     )
 
 

@@ -95,6 +95,8 @@ class State:
     # The last journal entry already folded into this state.
     journal_seq: int = 0
     format_version: int = FORMAT_VERSION
+    # Every run session by id: who ran it, where, with which code (provenance).
+    sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
@@ -111,6 +113,7 @@ def dump_state(state: State) -> str:
         f"name: {encode_flow(state.name)}\n",
         f"description: {encode_flow(state.description)}\n",
         f"journal_seq: {state.journal_seq}\n",
+        f"sessions: {encode_flow(state.sessions)}\n",
     ]
     if not state.configs:
         lines.append("configs: {}\n")
@@ -186,6 +189,9 @@ def parse_state(text: str, path: Path) -> State:
     for name, record in configs.items():
         _check_record(name, record, path)
     seq = data.get("journal_seq", 0)
+    sessions = data.get("sessions") or {}
+    if not isinstance(sessions, dict):
+        raise StateError(f"{path}: 'sessions' must be a mapping from session id to its record")
     for key in ("name", "description"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise StateError(f"{path}: '{key}' must be a string")
@@ -194,6 +200,7 @@ def parse_state(text: str, path: Path) -> State:
         description=data.get("description"),
         configs={str(k): v for k, v in configs.items()},
         journal_seq=seq if isinstance(seq, int) else 0,
+        sessions=sessions,
     )
 
 
