@@ -6,16 +6,21 @@ import base64
 import contextlib
 import contextvars
 import dataclasses
+import datetime
+import decimal
 import enum
 import functools
+import hashlib
 import inspect
 import json
 import math
 import os
 import pathlib
+import pickle
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +37,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 _MISSING = object()
 # Longest argument text shown in a CacheMiss message.
 _PREVIEW_CHARS = 300
+# Longer call texts are stored by their SHA-256, so huge prompts do not bloat the SQLite index.
+_MAX_KEY_CHARS = 1024
+# Opening waits this long for another process that is opening the same cache.
+_OPEN_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -51,41 +60,59 @@ class _Scope:
     mode: CacheMode
     stats: CallStats
     counts: dict[str, int] = field(default_factory=dict)
+    # Threads started with a copied context share this scope.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 _scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
     "resweep_cache", default=None
 )
-_open_caches: dict[str, Any] = {}
+# (pid, directory) -> handle: a forked child opens its own instead of sharing its parent's.
+_open_caches: dict[tuple[int, str], Any] = {}
 _open_lock = threading.Lock()
 
 
 def open_cache(output_dir: str | os.PathLike[str]) -> Any:
     """This process's handle on <output_dir>/cache, opened once and under a file lock."""
-    directory = str(Path(output_dir, CACHE_DIR))
-    handle = _open_caches.get(directory)
+    directory = os.path.abspath(os.path.join(os.fspath(output_dir), CACHE_DIR))
+    key = (os.getpid(), directory)
+    handle = _open_caches.get(key)
     if handle is not None:
         return handle
     with _open_lock:
-        handle = _open_caches.get(directory)
+        handle = _open_caches.get(key)
         if handle is None:
             import diskcache
             import filelock
 
             Path(directory).mkdir(parents=True, exist_ok=True)
-            # Many processes creating the SQLite schema at once fail with "database is locked".
-            with filelock.FileLock(directory + ".lock", is_singleton=False):
-                handle = diskcache.Cache(directory, eviction_policy="none", size_limit=2**62)
-                handle.create_tag_index()
-            _open_caches[directory] = handle
+            # Opening writes the schema and settings; many processes doing it at once fail with
+            # "database is locked" (diskcache issue #85 and kin), so they take turns.
+            lock = filelock.FileLock(directory + ".lock", is_singleton=False)
+            try:
+                with lock.acquire(timeout=_OPEN_TIMEOUT_S):
+                    handle = diskcache.Cache(
+                        directory,
+                        # Recorded calls are never evicted: eviction would silently re-pay them.
+                        eviction_policy="none",
+                        size_limit=2**62,
+                        tag_index=True,
+                    )
+            except filelock.Timeout:
+                raise ResweepError(
+                    f"could not open the cache {directory}: another process held "
+                    f"{directory}.lock for {_OPEN_TIMEOUT_S:.0f} s"
+                ) from None
+            _open_caches[key] = handle
     return handle
 
 
 def close_caches() -> None:
     """Close every cache this process opened (tests and long-lived notebooks)."""
     with _open_lock:
-        for handle in _open_caches.values():
-            handle.close()
+        for (pid, _), handle in _open_caches.items():
+            if pid == os.getpid():
+                handle.close()
         _open_caches.clear()
 
 
@@ -93,11 +120,16 @@ def close_caches() -> None:
 def scope(
     output_dir: str | os.PathLike[str] | None, config: str, mode: CacheMode, stats: CallStats
 ) -> Iterator[CallStats]:
-    """Make cached calls inside this block belong to one config's cache."""
+    """Make cached calls inside this block belong to one config's cache (None: caching off)."""
     handle = open_cache(output_dir) if output_dir is not None else None
     token = _scope.set(_Scope(handle, config, mode, stats))
     try:
         yield stats
+    except BaseException as error:
+        # A miss that the function caught and turned into another error is still a miss.
+        if stats.miss is not None and error is not stats.miss:
+            raise stats.miss from error
+        raise
     finally:
         _scope.reset(token)
     if stats.miss is not None:
@@ -110,71 +142,123 @@ def drop(output_dir: str | os.PathLike[str], names: list[str]) -> None:
         return
     handle = open_cache(output_dir)
     for name in names:
-        handle.evict(name)
+        handle.evict(name, retry=True)
 
 
-def _encode(value: Any, where: str) -> Any:
-    """Plain, process-independent data for value; never Python's hash()."""
+# -- keys ------------------------------------------------------------------------------------
+
+
+class _Unencodable(Exception):
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(path, detail)
+        self.path = path
+        self.detail = detail
+
+
+def _canonical_text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _encode(value: Any, path: str) -> Any:
+    """Plain, process-independent data for value; never Python's hash() or an id()."""
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else {"__float__": repr(value)}
     if isinstance(value, list | tuple):
-        return [_encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_encode(v, f"{path}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, Mapping):
         items = {}
         for k, v in value.items():
-            if not isinstance(k, str | int | float | bool):
-                raise CacheKeyError(f"{where} has a key of type {type(k).__name__}")
-            items[json.dumps(k)] = _encode(v, f"{where}[{k!r}]")
+            if not (k is None or isinstance(k, str | int | float | bool)):
+                raise _Unencodable(path, f"has a key of type {type(k).__name__}")
+            items[_canonical_text(_encode(k, path))] = _encode(v, f"{path}[{k!r}]")
         return {"__map__": sorted(items.items())}
+    if isinstance(value, set | frozenset):
+        # Sorted by canonical text: a set's iteration order depends on PYTHONHASHSEED.
+        members = [_encode(v, f"{path}{{...}}") for v in value]
+        return {"__set__": sorted(members, key=_canonical_text)}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # The qualified name, not the module: a script's classes live in __main__ in one
+        # process and in the script's module in another.
         fields = {
-            f.name: _encode(getattr(value, f.name), f"{where}.{f.name}")
+            f.name: _encode(getattr(value, f.name), f"{path}.{f.name}")
             for f in dataclasses.fields(value)
         }
         return {"__dataclass__": type(value).__qualname__, "fields": fields}
-    if isinstance(value, bytes):
+    if isinstance(value, bytes | bytearray):
         return {"__bytes__": base64.b64encode(value).decode()}
     if isinstance(value, enum.Enum):
-        return {"__enum__": type(value).__qualname__, "value": _encode(value.value, where)}
+        return {"__enum__": type(value).__qualname__, "value": _encode(value.value, path)}
     if isinstance(value, pathlib.PurePath):
         return {"__path__": str(value)}
-    item = getattr(value, "item", None)
-    if type(value).__module__ == "numpy" and callable(item):
-        return _encode(item(), where)
-    raise CacheKeyError(
-        f"argument {where} is a {type(value).__name__}, which has no stable encoding for a cache "
-        "key; pass plain data (str, numbers, lists, dicts, dataclasses)"
-    )
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return {"__" + type(value).__name__ + "__": value.isoformat()}
+    if isinstance(value, datetime.timedelta):
+        return {"__timedelta__": [value.days, value.seconds, value.microseconds]}
+    if isinstance(value, decimal.Decimal | uuid.UUID):
+        return {"__" + type(value).__name__.lower() + "__": str(value)}
+    if type(value).__module__ == "numpy":
+        shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+        if isinstance(shape, tuple) and shape and dtype is not None:
+            data = _encode(value.tolist(), path)
+            return {"__ndarray__": str(dtype), "shape": list(shape), "data": data}
+        item = getattr(value, "item", None)
+        if callable(item):
+            return _encode(item(), path)
+    raise _Unencodable(path, f"is a {type(value).__module__}.{type(value).__qualname__}")
 
 
-_signatures: dict[Any, inspect.Signature | None] = {}
+def _bound_arguments(
+    signature: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """Arguments by parameter name, defaults filled in: f(1), f(x=1) and f(1, y=2) agree."""
+    if signature is not None:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            pass  # the real call will raise the proper error
+        else:
+            bound.apply_defaults()
+            return dict(bound.arguments)
+    return {"*args": list(args), "**kwargs": kwargs}
+
+
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
 
 
 def call_key(
-    fn_name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    fn_name: str,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    signature: inspect.Signature | object | None = _MISSING,
 ) -> str:
     """The canonical text of a call: its function's name and its arguments, bound by name."""
+    if signature is _MISSING:
+        signature = _signature(fn)
+    assert signature is None or isinstance(signature, inspect.Signature)
+    arguments = _bound_arguments(signature, args, kwargs)
     try:
-        signature = _signatures[fn]
-    except (KeyError, TypeError):
-        try:
-            signature = inspect.signature(fn)
-        except (TypeError, ValueError):
-            signature = None
-        with contextlib.suppress(TypeError):
-            _signatures[fn] = signature
-    arguments: dict[str, Any]
-    if signature is not None:
-        try:
-            arguments = dict(signature.bind(*args, **kwargs).arguments)
-        except TypeError:
-            arguments = {"args": list(args), "kwargs": kwargs}
-    else:
-        arguments = {"args": list(args), "kwargs": kwargs}
-    encoded = {name: _encode(value, f"{fn_name}({name}=...)") for name, value in arguments.items()}
-    text = json.dumps([fn_name, encoded], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        encoded = {name: _encode(value, name) for name, value in arguments.items()}
+    except _Unencodable as error:
+        raise CacheKeyError(
+            f"cached call {fn_name}(): argument {error.path} {error.detail}, which has no stable "
+            "encoding for a cache key; pass plain data (str, numbers, bytes, lists, dicts, sets, "
+            "dataclasses, enums, paths, numpy arrays)"
+        ) from None
+    except RecursionError:
+        raise CacheKeyError(
+            f"cached call {fn_name}(): an argument contains itself or is nested too deeply to "
+            "encode as a cache key"
+        ) from None
+    text = _canonical_text([fn_name, encoded])
+    if len(text) > _MAX_KEY_CHARS:
+        text = f"{fn_name}\x1fsha256:{hashlib.sha256(text.encode()).hexdigest()}"
     return text
 
 
@@ -184,24 +268,58 @@ def _preview(fn_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str
     return text if len(text) <= _PREVIEW_CHARS else text[: _PREVIEW_CHARS - 3] + "..."
 
 
+def function_name(fn: Callable[..., Any]) -> str:
+    """The name a call to fn is recorded under: stable across processes, never an address."""
+    recorded = getattr(fn, "__resweep_cached__", None)
+    if isinstance(recorded, str):
+        return recorded
+    if isinstance(fn, functools.partial):
+        return function_name(fn.func)
+    name = getattr(fn, "__name__", None)
+    return str(name) if name else type(fn).__qualname__
+
+
 def call_cached(
-    fn_name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    fn_name: str | None,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    signature: inspect.Signature | object | None = _MISSING,
 ) -> Any:
     """Answer a call from the running config's cache, or make it and record it."""
     current = _scope.get()
-    if current is None or current.cache is None:
+    if current is None:
         return fn(*args, **kwargs)
-    key = call_key(fn_name, fn, args, kwargs)
-    # The n-th identical call replays the n-th recorded answer.
-    n = current.counts.get(key, 0) + 1
-    current.counts[key] = n
+    if getattr(fn, "__resweep_cached__", None) is not None:
+        # ctx.call(a_cached_function, ...): record it once, under the decorator's name.
+        fn_name, fn, signature = fn.__resweep_cached__, fn.__wrapped__, _MISSING  # type: ignore[attr-defined]
+    while isinstance(fn, functools.partial):
+        # Bound arguments of a partial are arguments like any other; its repr has an address.
+        args, kwargs = fn.args + args, {**fn.keywords, **kwargs}
+        fn, signature = fn.func, _MISSING
+    if fn_name is None:
+        fn_name = function_name(fn)
+    if current.cache is None:
+        if current.mode == "replay":
+            miss = CacheMiss(
+                f"config {current.config!r}: {_preview(fn_name, args, kwargs)} cannot be "
+                "replayed: the experiment has cache=False, so no call was recorded"
+            )
+            current.stats.miss = current.stats.miss or miss
+            raise miss
+        return fn(*args, **kwargs)
+    key = call_key(fn_name, fn, args, kwargs, signature)
+    with current.lock:
+        # The n-th identical call replays the n-th recorded answer.
+        n = current.counts.get(key, 0) + 1
+        current.counts[key] = n
     full_key = f"{current.config}\x1f{n}\x1f{key}"
-    value = current.cache.get(full_key, default=_MISSING, retry=True)
-    if value is not _MISSING:
+    blob = current.cache.get(full_key, default=_MISSING, retry=True)
+    if blob is not _MISSING:
         current.stats.hits += 1
-        return value
+        return pickle.loads(blob)
     if current.mode == "replay":
-        current.counts[key] = n - 1
+        _release(current, key, n)
         miss = CacheMiss(
             f"config {current.config!r}: call #{n} {_preview(fn_name, args, kwargs)} "
             "was never recorded; replay makes no real call"
@@ -211,11 +329,29 @@ def call_cached(
     try:
         value = fn(*args, **kwargs)
     except BaseException:
-        current.counts[key] = n - 1  # a call that raises is not recorded and takes no slot
+        _release(current, key, n)  # a call that raises is not recorded and takes no slot
         raise
-    current.cache.set(full_key, value, tag=current.config, retry=True)
+    try:
+        # Pickled here rather than by diskcache, which stores floats raw and SQLite turns NaN
+        # into NULL; and so that an unpicklable answer gets a clear error.
+        blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as error:
+        _release(current, key, n)
+        raise ResweepError(
+            f"cached call {_preview(fn_name, args, kwargs)} returned a "
+            f"{type(value).__qualname__} that cannot be pickled, so it cannot be recorded: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    current.cache.set(full_key, blob, tag=current.config, retry=True)
     current.stats.misses += 1
     return value
+
+
+def _release(current: _Scope, key: str, n: int) -> None:
+    """Give back slot n of key, unless a concurrent identical call has taken a later one."""
+    with current.lock:
+        if current.counts.get(key) == n:
+            current.counts[key] = n - 1
 
 
 @overload
@@ -224,13 +360,21 @@ def cached(fn: F, /) -> F: ...
 def cached(*, name: str | None = None) -> Callable[[F], F]: ...
 def cached(fn: Any = None, /, *, name: str | None = None) -> Any:
     """Record calls to fn per config, so that a finished config replays without paying again."""
+    if name is not None and (not isinstance(name, str) or not name):
+        raise TypeError(f"@resweep.cached(name=...) takes a non-empty string, not {name!r}")
 
     def wrap(function: F) -> F:
+        if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
+            raise TypeError(
+                f"@resweep.cached cannot record {function.__qualname__}: it is async, and a "
+                "coroutine cannot be pickled; cache the synchronous call it awaits"
+            )
         key_name = name or function.__name__
+        signature = _signature(function)
 
         @functools.wraps(function)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return call_cached(key_name, function, args, kwargs)
+            return call_cached(key_name, function, args, kwargs, signature)
 
         wrapper.__resweep_cached__ = key_name  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]

@@ -9,13 +9,15 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
+from resweep import provenance
 from resweep.errors import CacheMiss, ResweepError
+from resweep.experiment import lookup
 
 if TYPE_CHECKING:
     from resweep.experiment import Experiment
 
 # Options whose values are names or patterns: always strings, never numbers.
-_STRING_OPTIONS = ("--config", "--only", "--scheduler")
+_STRING_OPTIONS = ("--config", "--name", "--only", "--scheduler")
 _NAME_COMMANDS = ("show",)
 
 
@@ -42,6 +44,21 @@ def _elapsed(start_time: str | None) -> str:
         return "?"
     seconds = (datetime.datetime.now().astimezone() - started).total_seconds()
     return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f}min"
+
+
+def _changed_warning(changed: dict[str, str]) -> str | None:
+    """The status line about done configs that older code produced, or None."""
+    if not changed:
+        return None
+    function = sum(why == provenance.FUNCTION_CHANGED for why in changed.values())
+    parts = [f"{function} by a different function"] if function else []
+    if len(changed) > function:
+        parts.append(f"{len(changed) - function} by other changes to its module")
+    return (
+        f"warning: {len(changed)} done configs were produced by code that differs from the "
+        f"current code ({', '.join(parts)}); `run --rerun-changed` re-runs them, "
+        "`run --dry-run --rerun-changed` lists them"
+    )
 
 
 def _exit(code: int) -> NoReturn:
@@ -102,6 +119,10 @@ class CLI:
         running = {n: r for n, r in state.configs.items() if r["status"] == "running"}
         active = self._experiment.store.active_run()
         failures = {n: r.get("error") for n, r in state.configs.items() if r["status"] == "failed"}
+        changed = provenance.changed_configs(
+            state.configs, provenance.fingerprint(self._experiment.function)
+        )
+        warning = _changed_warning(changed)
         if json:
             hits = sum(r.get("cache_hits") or 0 for r in state.configs.values())
             misses = sum(r.get("cache_misses") or 0 for r in state.configs.values())
@@ -112,6 +133,8 @@ class CLI:
                 "running": {n: r.get("start_time") for n, r in running.items()},
                 "active_run": active.__dict__ if active else None,
                 "cache": {"hits": hits, "misses": misses},
+                "changed": len(changed),
+                "warnings": [warning] if warning else [],
             }
             if failed:
                 payload["failed"] = failures
@@ -132,6 +155,8 @@ class CLI:
         if failed:
             for name, error in failures.items():
                 print(f"  {name}: {error}")
+        if warning:
+            print(warning)
 
     def replay(self, config: str | None = None) -> None:
         """Re-run done configs here with every cached call answered from the cache."""
@@ -158,8 +183,15 @@ class CLI:
 
     def show(self, name: str) -> None:
         """Everything recorded about one config."""
-        record = self._experiment.record(str(name))
+        state = self._experiment.read_state()
+        record = lookup(state, str(name))
         shown = {"name": str(name), **record}
+        shown["provenance"] = provenance.describe_session(record.get("session"), state.sessions)
+        if record.get("fingerprint") is not None:
+            why = provenance.compare(
+                record["fingerprint"], provenance.fingerprint(self._experiment.function)
+            )
+            shown["code"] = "matches the current code" if why is None else f"differs, {why}"
         print(yaml.safe_dump(shown, sort_keys=False, allow_unicode=True, width=100).rstrip())
 
 

@@ -33,3 +33,7 @@ class CacheMiss(ResweepError):
 
 class CacheKeyError(ResweepError):
     """A cached call has an argument that has no canonical, process-independent encoding."""
+
+
+class StorageError(ResweepError):
+    """The disk failed (full, I/O error, file-size limit) while resweep was writing."""

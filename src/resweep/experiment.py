@@ -67,7 +67,8 @@ class Context:
         """Call fn through this config's request cache, like a @cached function."""
         from resweep.cache import call_cached
 
-        result: T = call_cached(getattr(fn, "__name__", repr(fn)), fn, args, kwargs)
+        # No name here: cache.py names fn (a repr would hold a memory address).
+        result: T = call_cached(None, fn, args, kwargs)
         return result
 
     def __repr__(self) -> str:

@@ -101,7 +101,7 @@ def _canon_value(value: Any, kind: type | None, where: str, keep_defaults: bool 
     if isinstance(value, float):
         return float(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _canon_dataclass(value)
+        return _canon_dataclass(value, keep_defaults)
     if isinstance(value, Mapping):
         out = {}
         for k, v in value.items():
@@ -109,10 +109,10 @@ def _canon_value(value: Any, kind: type | None, where: str, keep_defaults: bool 
                 raise ConfigError(
                     f"{where}: key {k!r} is not a string; config keys must be strings"
                 )
-            out[k] = _canon_value(v, None, f"{where}.{k}")
+            out[k] = _canon_value(v, None, f"{where}.{k}", keep_defaults)
         return dict(sorted(out.items()))
     if isinstance(value, list | tuple):
-        return [_canon_value(v, None, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_canon_value(v, None, f"{where}[{i}]", keep_defaults) for i, v in enumerate(value)]
     if isinstance(value, enum.Enum):
         return _canon_value(value.value, kind, where)
     item = getattr(value, "item", None)

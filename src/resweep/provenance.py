@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
 import hashlib
 import inspect
@@ -12,48 +13,76 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from resweep.store import now_iso
 
-# Distributions whose versions are recorded with every session.
-TRACKED_DISTRIBUTIONS = ("resweep", "joblib", "pyyaml", "pandas", "diskcache", "fire", "tqdm")
+# Distributions whose versions every session records, imported or not.
+TRACKED_DISTRIBUTIONS = (
+    *("resweep", "pyyaml", "fire", "tqdm", "pandas", "joblib", "cloudpickle", "diskcache"),
+    "filelock",
+)
 GIT_TIMEOUT_S = 5.0
+# Hex digits kept of each of the fingerprint's two digests.
+DIGEST_HEX_DIGITS = 12
+# A fingerprint is "<function digest>.<module digest>"; compare() tells which part changed.
+_SEPARATOR = "."
+FUNCTION_CHANGED = "the function's source changed"
+MODULE_CHANGED = "code elsewhere in the function's module changed"
+
+
+# -- run sessions ----------------------------------------------------------------------------
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+    """Python's version and those of resweep's dependencies and every imported distribution."""
+    from importlib.metadata import PackageNotFoundError, packages_distributions, version
 
-    out = {"python": platform.python_version()}
-    for dist in TRACKED_DISTRIBUTIONS:
+    names = set(TRACKED_DISTRIBUTIONS)
+    with contextlib.suppress(Exception):  # broken metadata must never stop a run
+        providers = packages_distributions()
+        for module in list(sys.modules):
+            names.update(providers.get(module.partition(".")[0], ()))
+    found = {}
+    for name in names:
         try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
+            found[name.lower()] = version(name)
+        except (PackageNotFoundError, ValueError):
             continue
-    return out
+    return {"python": platform.python_version(), **dict(sorted(found.items()))}
 
 
-def _git(directory: Path) -> dict[str, Any] | None:
-    """The commit and dirtiness of the git tree holding directory, or None outside git."""
+def _git(source: Path) -> dict[str, Any] | None:
+    """The commit of the git tree holding source and whether it differs from it; None outside git.
 
-    def git(*args: str) -> str:
+    dirty: a tracked file differs from the commit, or source itself was never committed.
+    """
+    directory = source.parent if source.is_file() else source
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["git", *args],
             cwd=directory,
             capture_output=True,
             text=True,
             timeout=GIT_TIMEOUT_S,
-            check=True,
-        ).stdout.strip()
+            check=False,
+        )
 
     try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        status = git("status", "--porcelain", "--untracked-files=no")
+        dirty = status.returncode != 0 or bool(status.stdout.strip())
+        if source.is_file() and not dirty:
+            tracked = git("ls-files", "--error-unmatch", "--", source.name)
+            dirty = tracked.returncode != 0
     except (OSError, subprocess.SubprocessError):
         return None
-    return {"commit": commit, "dirty": dirty}
+    return {"commit": head.stdout.strip(), "dirty": dirty}
 
 
 def _user() -> str:
@@ -66,8 +95,8 @@ def _user() -> str:
 def new_session(
     function: Callable[..., Any], *, backend: str, max_workers: int
 ) -> tuple[str, dict[str, Any]]:
-    """A new session id and its provenance record."""
-    source = Path(inspect.getsourcefile(function) or sys.argv[0] or ".").absolute()
+    """A new session id and its provenance record; the runner sets end_time when it stops."""
+    source = _source_file(function)
     record: dict[str, Any] = {
         "start_time": now_iso(),
         "end_time": None,
@@ -75,32 +104,110 @@ def new_session(
         "user": _user(),
         "pid": os.getpid(),
         "argv": list(sys.argv),
+        "cwd": os.getcwd(),
+        "platform": platform.platform(),
         "versions": _versions(),
-        "git": _git(source.parent if source.is_file() else Path.cwd()),
+        "git": _git(source if source is not None else Path.cwd()),
+        "source": str(source) if source is not None else None,
+        "fingerprint": fingerprint(function),
         "backend": backend,
         "max_workers": max_workers,
     }
     return uuid.uuid4().hex[:12], record
 
 
-def fingerprint(function: Callable[..., Any]) -> str:
-    """A digest of the experiment function's source and its module's source."""
-    digest = hashlib.sha256()
-    for text in _sources(function):
-        digest.update(text.encode("utf-8", "replace"))
-        digest.update(b"\0")
-    return digest.hexdigest()[:16]
+def describe_session(session_id: str | None, sessions: Mapping[str, Any]) -> dict[str, Any]:
+    """What `show` prints about the session that ran a config: who, where, which versions."""
+    if session_id is None:
+        return {"session": None, "note": "no session recorded (run by an older resweep)"}
+    record = sessions.get(session_id)
+    if not isinstance(record, Mapping):
+        return {"session": session_id, "note": "this session is missing from the state file"}
+    git = record.get("git")
+    shown: dict[str, Any] = {"session": session_id}
+    for key in ("start_time", "end_time", "host", "user", "pid"):
+        shown[key] = record.get(key)
+    if isinstance(git, Mapping):
+        shown["git_commit"] = git.get("commit")
+        shown["git_dirty"] = git.get("dirty")
+    else:
+        shown["git_commit"] = None
+    for key in ("backend", "max_workers", "source", "versions"):
+        shown[key] = record.get(key)
+    return shown
 
 
-def _sources(function: Callable[..., Any]) -> list[str]:
-    target = inspect.unwrap(function)
-    texts = []
+# -- code fingerprints -----------------------------------------------------------------------
+
+
+def _target(function: Callable[..., Any]) -> Any:
+    """What holds the code: the function under decorators and partials, or a callable's class."""
+    target: Any = function
+    for _ in range(10):
+        if isinstance(target, functools.partial):
+            target = target.func
+            continue
+        unwrapped = inspect.unwrap(target)
+        if unwrapped is target:
+            break
+        target = unwrapped
+    if not (inspect.isroutine(target) or inspect.isclass(target)) and callable(target):
+        target = type(target)
+    return target
+
+
+def _source_file(function: Callable[..., Any]) -> Path | None:
     try:
-        texts.append(inspect.getsource(target))
+        file = inspect.getsourcefile(_target(function))
+    except TypeError:
+        file = None
+    return Path(file).absolute() if file else None
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:DIGEST_HEX_DIGITS]
+
+
+def fingerprint(function: Callable[..., Any]) -> str:
+    """A digest of the experiment function's source, then one of its whole module's source.
+
+    What it cannot see: code in other modules or packages, data files, environment variables
+    and library versions (the session record keeps the versions and the git commit).
+    """
+    target = _target(function)
+    try:
+        own = inspect.getsource(target)
     except (OSError, TypeError):
-        texts.append(getattr(target, "__qualname__", repr(target)))
+        own = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', target)}"
     module = inspect.getmodule(target)
+    whole = ""
     if module is not None:
         with contextlib.suppress(OSError, TypeError):
-            texts.append(inspect.getsource(module))
-    return texts
+            whole = inspect.getsource(module)
+    return f"{_digest(own)}{_SEPARATOR}{_digest(whole)}"
+
+
+def compare(recorded: Any, current: str) -> str | None:
+    """None when recorded matches current, else what changed since; unknown counts as same."""
+    if recorded is None or recorded == current:
+        return None
+    if not isinstance(recorded, str):
+        return "the code changed"
+    function, _, module = recorded.partition(_SEPARATOR)
+    if not module:
+        return "the code changed"
+    if function != current.partition(_SEPARATOR)[0]:
+        return FUNCTION_CHANGED
+    return MODULE_CHANGED
+
+
+def changed_configs(configs: Mapping[str, Mapping[str, Any]], current: str) -> dict[str, str]:
+    """The done configs whose recorded fingerprint differs from current, with what changed."""
+    changed = {}
+    for name, record in configs.items():
+        if record.get("status") != "done":
+            continue
+        why = compare(record.get("fingerprint"), current)
+        if why is not None:
+            changed[name] = why
+    return changed

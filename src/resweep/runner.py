@@ -5,22 +5,27 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import errno
 import io
 import os
+import re
+import shutil
 import signal
 import sys
 import threading
 import time
 import traceback
 import uuid
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from resweep import cache
-from resweep.errors import ResultError, ResweepError
+from resweep.errors import ResultError, ResweepError, StorageError
 from resweep.experiment import Context, Experiment, RunReport, select, takes_context
 from resweep.store import (
     EXCEPTION_FILE,
@@ -29,6 +34,7 @@ from resweep.store import (
     Recorder,
     State,
     Store,
+    disable_crash_hook,
     now_iso,
     read_result,
     write_atomic,
@@ -42,6 +48,15 @@ MAX_BATCH_SIZE = 2000
 COMPACT_EVERY_S = 10.0
 ERROR_LINE_CHARS = 500
 RUN_FAILURE_FILE = "run_failure.txt"
+# Where each worker process says which config it is running (pool-break forensics, timeouts).
+WORKERS_DIR = ".workers"
+_MARKER_BYTES = 1024
+# How often the coordinator looks for configs that outlived timeout_s.
+TIMEOUT_POLL_S = 0.1
+# Pool breaks in a row that no config explains before the run gives up.
+MAX_UNEXPLAINED_BREAKS = 3
+# Errors that mean the disk, not the code, failed: the run stops cleanly, exit status 2.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT, errno.EROFS})
 
 
 # -- what travels to a worker ------------------------------------------------------------
@@ -60,6 +75,8 @@ class Job:
     cache: bool
     coordinator_pid: int
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Process backends only: the directory of per-worker marker files.
+    markers_dir: str | None = None
     # Recorded with every done config: which run session and which code produced it.
     session: str | None = None
     fingerprint: str | None = None
@@ -86,6 +103,8 @@ class Outcome:
     attempt: int
     cache_hits: int = 0
     cache_misses: int = 0
+    # Set when resweep could not store this outcome (a full disk): the config stays todo.
+    fault: str | None = None
 
     def fields(self) -> dict[str, Any]:
         """What the state records about this outcome."""
@@ -186,6 +205,32 @@ def routed_output() -> Iterator[None]:
 _jobs: dict[str, Job] = {}
 _setup_errors: dict[str, str | None] = {}
 _prepare_lock = threading.Lock()
+_marker_fd: int | None = None
+
+
+def _mark(name: str) -> None:
+    """Tell the coordinator which config this worker process runs now ('' for none)."""
+    if _marker_fd is not None:
+        record = f"{time.time():.3f} {name}".encode()[:_MARKER_BYTES]
+        os.pwrite(_marker_fd, record.ljust(_MARKER_BYTES), 0)
+
+
+def read_markers(markers_dir: Path) -> dict[str, tuple[int, float]]:
+    """The configs that worker processes were running: name -> (pid, start time)."""
+    running = {}
+    try:
+        entries = list(os.scandir(markers_dir))
+    except FileNotFoundError:
+        return {}
+    for entry in entries:
+        try:
+            with open(entry.path, "rb") as handle:
+                stamp, _, name = handle.read(_MARKER_BYTES).decode().strip().partition(" ")
+            running[name] = (int(entry.name), float(stamp))
+        except (OSError, ValueError):
+            continue
+    running.pop("", None)
+    return running
 
 
 def _prepare(payload: tuple[str, Any]) -> Job:
@@ -208,8 +253,16 @@ def _prepare(payload: tuple[str, Any]) -> Job:
         if os.getpid() != job.coordinator_pid:
             # Ctrl-C belongs to the coordinator, which lets running configs finish.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            sys.stdout = _Router(sys.stdout)
-            sys.stderr = _Router(sys.stderr)
+            disable_crash_hook()
+            if not isinstance(sys.stdout, _Router):
+                sys.stdout = _Router(sys.stdout)
+                sys.stderr = _Router(sys.stderr)
+            if job.markers_dir is not None:
+                global _marker_fd
+                if _marker_fd is not None:
+                    os.close(_marker_fd)
+                path = os.path.join(job.markers_dir, str(os.getpid()))
+                _marker_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         error = None
         if job.per_worker is not None:
             try:
@@ -226,7 +279,12 @@ def run_batch(payload: tuple[str, Any], tasks: list[Task]) -> list[Outcome]:
     """Run a batch of configs in this worker, each isolated from the others' failures."""
     job = _prepare(payload)
     setup_error = _setup_errors.get(payload[0])
-    return [execute(job, task, setup_error) for task in tasks]
+    outcomes = []
+    for task in tasks:
+        if job.markers_dir is not None and os.getppid() != job.coordinator_pid:
+            os._exit(0)  # the coordinator died: start nothing it cannot record
+        outcomes.append(execute(job, task, setup_error))
+    return outcomes
 
 
 def _error_line(exc: BaseException) -> str:
@@ -237,17 +295,21 @@ def _error_line(exc: BaseException) -> str:
 
 def execute(job: Job, task: Task, setup_error: str | None = None) -> Outcome:
     """Run one config: its result file is written before the coordinator hears of it."""
-    config_dir = Path(job.output_dir, "configs", task.name)
-    config_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (RESULT_FILE, EXCEPTION_FILE):
-        with contextlib.suppress(FileNotFoundError):
-            (config_dir / stale).unlink()
-    log = _LazyLog(config_dir / LOG_FILE, task.attempt)
     start_time = now_iso()
     started = time.perf_counter()
-    ok, result, error = False, None, setup_error
+    config_dir = Path(job.output_dir, "configs", task.name)
+    try:
+        config_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (RESULT_FILE, EXCEPTION_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                (config_dir / stale).unlink()
+    except OSError as exc:
+        return _faulted(task, start_time, exc)
+    log = _LazyLog(config_dir / LOG_FILE, task.attempt)
+    ok, result, error, trace = False, None, setup_error, None
     stats = cache.CallStats()
     token = _current_log.set(log)
+    _mark(task.name)
     try:
         if setup_error is None:
             ctx = Context(
@@ -262,23 +324,47 @@ def execute(job: Job, task: Task, setup_error: str | None = None) -> Outcome:
                 raw = job.function(task.config, ctx) if job.takes_ctx else job.function(task.config)
             result = to_plain_result(raw)
             ok = True
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except OSError as exc:
+        if exc.errno in STORAGE_ERRNOS:  # the disk failed, not the config: stop the run
+            return _faulted(task, start_time, exc)
         error = _error_line(exc)
-        text = "".join(traceback.format_exception(exc))
-        write_atomic(config_dir / EXCEPTION_FILE, text, durable=False)
+        trace = "".join(traceback.format_exception(exc))
+    except BaseException as exc:  # SystemExit too: one config's exit must not end the run
+        error = _error_line(exc)
+        trace = "".join(traceback.format_exception(exc))
     finally:
+        _mark("")
         _current_log.reset(token)
-        log.close()
+        with contextlib.suppress(OSError):
+            log.close()
     duration_s = time.perf_counter() - started
     outcome = Outcome(
         task.name, ok, result, error, start_time, now_iso(), duration_s, task.attempt,
         stats.hits, stats.misses,
     )  # fmt: skip
-    if ok:
-        meta = {"attempt": task.attempt, "end_time": outcome.end_time, "duration_s": duration_s}
-        meta.update(cache_hits=stats.hits, cache_misses=stats.misses)
-        write_result(config_dir, result, meta)
+    try:
+        if ok:
+            meta = {"attempt": task.attempt, "end_time": outcome.end_time, "duration_s": duration_s}
+            meta.update(cache_hits=stats.hits, cache_misses=stats.misses)
+            meta.update(session=job.session, fingerprint=job.fingerprint)
+            write_result(config_dir, result, meta)
+        elif trace is not None:
+            write_atomic(config_dir / EXCEPTION_FILE, trace, durable=False)
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        return _faulted(task, start_time, exc)
     return outcome
+
+
+def _faulted(task: Task, start_time: str, error: OSError) -> Outcome:
+    """An outcome that could not be stored: the coordinator stops the run, the config stays todo."""
+    fault = f"{os.strerror(error.errno or 0)} while writing {error.filename or 'a file'}"
+    return Outcome(
+        task.name, False, None, None, start_time, now_iso(), 0.0, task.attempt, fault=fault
+    )
 
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -327,21 +413,25 @@ def to_plain_result(raw: Any) -> Any:
 class _Stop:
     """What the signal handlers asked for: a graceful stop, then a hard one."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, raise_on_hard: bool) -> None:
         self.requested = False
+        self.hard = False
         self.signal_name: str | None = None
+        # In-process runs have no workers to kill: a hard stop interrupts the config itself.
+        self.raise_on_hard = raise_on_hard
         self.critical = 0
         self.hard_pending = False
 
     def handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.requested or signum == signal.SIGTERM:
-            self.requested = True
+            self.requested = self.hard = True
             self.signal_name = name if signum == signal.SIGTERM else (self.signal_name or name)
-            if self.critical:
-                self.hard_pending = True  # raised when the state is consistent again
-            else:
-                raise KeyboardInterrupt
+            if self.raise_on_hard:
+                if self.critical:
+                    self.hard_pending = True  # raised once the state is consistent again
+                else:
+                    raise KeyboardInterrupt
             return
         self.requested = True
         self.signal_name = name
@@ -375,8 +465,43 @@ class _Stop:
                 raise KeyboardInterrupt
 
 
+class _InlineExecutor:
+    """The sequential backend: each batch runs in this process when submitted (for debugging)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, wait: bool = True, **kwargs: Any) -> None:
+        return None
+
+
+def _executor(backend: str, max_workers: int) -> Any:
+    """A concurrent.futures executor for the backend."""
+    if backend == "sequential":
+        return _InlineExecutor()
+    if backend == "threading":
+        return ThreadPoolExecutor(max_workers, thread_name_prefix="resweep")
+    from joblib.externals.loky import get_reusable_executor
+
+    # joblib's process pool; unlike joblib.Parallel(n_jobs=1) it keeps one worker out of process.
+    return get_reusable_executor(max_workers=max_workers)
+
+
+def _death_reason(error: BaseException) -> str:
+    """'worker died: SIGSEGV' from loky's report of the dead worker's exit code."""
+    match = re.search(r"exit codes of the workers are \{([^}]*)\}", str(error))
+    codes = match.group(1) if match else ""
+    signals = re.findall(r"(SIG[A-Z0-9]+)", codes)
+    if signals:
+        return f"worker died: {signals[0]}"
+    numbers = re.findall(r"-?\d+", codes)
+    return f"worker died: exit code {numbers[0]}" if numbers else "worker died"
+
+
 class _Scheduler:
-    """Feeds batches of configs to a joblib pool and records every outcome as it arrives."""
+    """Feeds batches of configs to a pool and records every outcome as it arrives."""
 
     def __init__(
         self,
@@ -388,27 +513,42 @@ class _Scheduler:
         max_workers: int,
         retries: int,
         progress: bool,
+        timeout_s: float | None = None,
     ) -> None:
         self.job = job
         self.pending: deque[Task] = deque(tasks)
+        # Configs that were running when a worker died: each re-runs alone to find the culprit.
+        self.suspects: deque[Task] = deque()
         self.in_flight: dict[str, Task] = {}
+        self.futures: dict[Future[Any], list[Task]] = {}
         self.recorder = recorder
         self.backend = backend
-        self.n_jobs = 1 if backend == "sequential" else max_workers
+        self.n_workers = 1 if backend == "sequential" else max_workers
         self.retries = retries
-        self.lock = threading.Lock()
-        self.stop = _Stop()
+        self.timeout_s = timeout_s
+        self.stop = _Stop(raise_on_hard=backend == "sequential")
         self.mean_config_s: float | None = None
         self.executed = 0
         self.done = 0
         self.failed = 0
+        self.interrupted = 0
+        self.fault: str | None = None
+        self.timed_out: set[str] = set()
+        self.unexplained_breaks = 0
         self.last_compaction = time.monotonic()
         self.compaction_s = 0.0
-        self.interrupted = 0
+        self.markers_dir = Path(job.markers_dir) if job.markers_dir else None
         if backend == "loky":
             import cloudpickle
 
-            self.payload: tuple[str, Any] = (job.token, cloudpickle.dumps(job))
+            try:
+                blob = cloudpickle.dumps(job)
+            except Exception as error:
+                raise ResweepError(
+                    f"the experiment cannot be sent to worker processes ({_error_line(error)}); "
+                    "make function, context and setup picklable, or use backend='threading'"
+                ) from None
+            self.payload: tuple[str, Any] = (job.token, blob)
         else:
             self.payload = (job.token, job)
         from tqdm.auto import tqdm
@@ -432,53 +572,66 @@ class _Scheduler:
         # Per-config overhead outside the function: directory, result file, journal line.
         per_config = self.mean_config_s + 50e-6
         size = int(TARGET_BATCH_S / per_config)
-        balance = len(self.pending) // (4 * self.n_jobs)
+        balance = len(self.pending) // (4 * self.n_workers)
         return max(1, min(size, balance, MAX_BATCH_SIZE))
 
-    def _next_batch(self) -> list[Task]:
-        with self.lock:
+    def _start(self, batch: list[Task]) -> None:
+        """Record a batch as running before any of it can run."""
+        start_time = now_iso()
+        for task in batch:
+            task.attempt = self.recorder.state.configs[task.name]["attempts"] + 1
+            fields = {"status": "running", "attempts": task.attempt, "start_time": start_time}
+            fields["end_time"] = None
+            self.recorder.update(task.name, fields)
+            self.in_flight[task.name] = task
+        # Written, not yet synced: a crash now still shows these configs as running.
+        self.recorder.write(sync=False)
+
+    def _dispatch(self, executor: Any) -> None:
+        """Keep every worker busy with one batch and one more queued; a suspect runs alone."""
+        if self.stop.requested or self.fault is not None:
+            return
+        if self.suspects:
+            if not self.futures:
+                batch = [self.suspects.popleft()]
+                self._start(batch)
+                self.futures[executor.submit(run_batch, self.payload, batch)] = batch
+            return
+        while self.pending and len(self.futures) < 2 * self.n_workers:
             size = self._batch_size()
             batch = [self.pending.popleft() for _ in range(min(size, len(self.pending)))]
-            if not batch:
-                return batch
-            start_time = now_iso()
-            for task in batch:
-                task.attempt = self.recorder.state.configs[task.name]["attempts"] + 1
-                fields = {"status": "running", "attempts": task.attempt, "start_time": start_time}
-                fields["end_time"] = None
-                self.recorder.update(task.name, fields)
-                self.in_flight[task.name] = task
-            # Written, not yet synced: a crash now still shows these configs as running.
-            self.recorder.write(sync=False)
-        return batch
-
-    def _batches(self) -> Iterator[Any]:
-        from joblib import delayed
-
-        while not self.stop.requested:
-            batch = self._next_batch()
-            if not batch:
+            self._start(batch)
+            self.futures[executor.submit(run_batch, self.payload, batch)] = batch
+            if self.stop.requested:
                 return
-            yield delayed(run_batch)(self.payload, batch)
+
+    def _finish(self, task: Task, fields: dict[str, Any], *, ok: bool) -> None:
+        """Record one config's end; a failure with retries left goes back to the queue."""
+        fields["session"] = self.job.session
+        if ok:
+            fields["fingerprint"] = self.job.fingerprint
+            self.done += 1
+        elif task.failures < self.retries:
+            task.failures += 1
+            fields["status"] = "todo"
+            self.pending.append(task)
+            self.bar.total += 1
+        else:
+            fields["status"] = "failed"
+            self.failed += 1
+        self.recorder.update(task.name, fields)
 
     def _absorb(self, outcomes: list[Outcome]) -> None:
-        with self.stop.critical_section(), self.lock:
+        with self.stop.critical_section():
             for outcome in outcomes:
                 task = self.in_flight.pop(outcome.name)
+                if outcome.fault is not None:
+                    # Nothing of this attempt is stored: it is todo, and the run stops.
+                    self.fault = self.fault or outcome.fault
+                    self.recorder.update(outcome.name, {"status": "todo"})
+                    continue
                 self.executed += 1
-                fields = outcome.fields()
-                fields["session"] = self.job.session
-                if outcome.ok:
-                    fields["fingerprint"] = self.job.fingerprint
-                    self.done += 1
-                elif task.failures < self.retries:
-                    task.failures += 1
-                    fields["status"] = "todo"
-                    self.pending.append(task)
-                    self.bar.total += 1
-                else:
-                    self.failed += 1
-                self.recorder.update(outcome.name, fields)
+                self._finish(task, outcome.fields(), ok=outcome.ok)
             self.recorder.write(sync=True)
             durations = [o.duration_s for o in outcomes]
             mean = sum(durations) / len(durations)
@@ -487,48 +640,132 @@ class _Scheduler:
             )
             self.bar.update(len(outcomes))
             self._postfix()
-            if time.monotonic() - self.last_compaction > max(
-                COMPACT_EVERY_S, 20 * self.compaction_s
-            ):
-                started = time.monotonic()
-                self.recorder.compact()
-                self.last_compaction = time.monotonic()
-                self.compaction_s = self.last_compaction - started
+
+    def _maybe_compact(self) -> None:
+        if time.monotonic() - self.last_compaction > max(COMPACT_EVERY_S, 20 * self.compaction_s):
+            started = time.monotonic()
+            self.recorder.compact()
+            self.last_compaction = time.monotonic()
+            self.compaction_s = self.last_compaction - started
+
+    def _enforce_timeouts(self) -> None:
+        """Kill the worker of any config running longer than timeout_s; the pool break follows."""
+        if self.timeout_s is None or self.markers_dir is None:
+            return
+        now = time.time()
+        for name, (pid, started) in read_markers(self.markers_dir).items():
+            if name in self.in_flight and now - started > self.timeout_s:
+                self.timed_out.add(name)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def _after_break(self, error: BaseException) -> None:
+        """A worker died and took the pool with it: settle every config that was in flight."""
+        running = read_markers(self.markers_dir) if self.markers_dir else {}
+        lost = [task for batch in self.futures.values() for task in batch]
+        self.futures.clear()
+        executing = [task for task in lost if task.name in running]
+        timeouts = bool(self.timed_out)
+        # Without a timeout to explain it, the death is a config's when that config ran alone.
+        culprit = None
+        if not timeouts and len(lost) == 1:
+            culprit = lost[0].name
+        elif not timeouts and len(executing) == 1:
+            culprit = executing[0].name
+        store = Store(self.job.output_dir)
+        for task in lost:
+            self.in_flight.pop(task.name, None)
+            found = read_result(store.config_dir(task.name))
+            if found is not None and found[1].get("attempt") == task.attempt:
+                self.recorder.update(task.name, recovered_fields(*found))
+                self.executed += 1
+                self.done += 1
+                self.bar.update(1)
+            elif task.name in self.timed_out or task.name == culprit:
+                self.executed += 1
+                self.bar.update(1)
+                reason = (
+                    f"timeout: ran longer than timeout_s={self.timeout_s:g}"
+                    if task.name in self.timed_out
+                    else _death_reason(error)
+                )
+                self._finish(task, {"error": reason, "end_time": now_iso()}, ok=False)
+            elif task.name in running and not timeouts:
+                self.recorder.update(task.name, {"status": "todo"})
+                self.suspects.append(task)
+            else:  # queued behind the dead worker, or killed with it: simply run again
+                self.recorder.update(task.name, {"status": "todo"})
+                self.pending.appendleft(task)
+        explained = timeouts or culprit is not None or bool(executing)
+        self.timed_out.clear()
+        self.recorder.write(sync=True)
+        self._postfix()
+        if self.markers_dir is not None:
+            for entry in os.scandir(self.markers_dir):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+        self.unexplained_breaks = 0 if explained else self.unexplained_breaks + 1
+        if self.unexplained_breaks >= MAX_UNEXPLAINED_BREAKS:
+            raise ResweepError(
+                f"worker processes died {MAX_UNEXPLAINED_BREAKS} times outside any config "
+                f"({_death_reason(error)}); check setup.per_worker and the machine's memory"
+            )
 
     def run(self) -> None:
-        from joblib import Parallel
+        from concurrent.futures.process import BrokenProcessPool
 
+        executor = None
         with self.stop.installed():
             try:
-                with Parallel(
-                    n_jobs=self.n_jobs,
-                    backend=self.backend,
-                    return_as="generator_unordered",
-                    batch_size=1,
-                    pre_dispatch=f"{2 * self.n_jobs}",
-                ) as parallel:
-                    while self.pending and not self.stop.requested:
-                        for outcomes in parallel(self._batches()):
+                executor = _executor(self.backend, self.n_workers)
+                while not self.stop.hard:
+                    self._dispatch(executor)
+                    if not self.futures:
+                        break
+                    finished, _ = wait(
+                        list(self.futures), timeout=TIMEOUT_POLL_S, return_when=FIRST_COMPLETED
+                    )
+                    try:
+                        for future in finished:
+                            outcomes = future.result()
+                            del self.futures[future]
                             self._absorb(outcomes)
+                    except BrokenProcessPool as error:
+                        if self.stop.requested:
+                            break  # SIGTERM reached the workers too: this is the stop
+                        self._after_break(error)
+                        executor = _executor(self.backend, self.n_workers)
+                    self._enforce_timeouts()
+                    self._maybe_compact()
             except KeyboardInterrupt:
-                self.stop.requested = True
+                self.stop.requested = self.stop.hard = True
                 self.stop.signal_name = self.stop.signal_name or "SIGINT"
             finally:
+                if executor is not None and self.stop.hard:
+                    with contextlib.suppress(Exception):
+                        executor.shutdown(wait=False, kill_workers=True)
+                elif isinstance(executor, ThreadPoolExecutor):
+                    executor.shutdown(wait=True)
                 self.bar.close()
                 self._settle_in_flight()
+        if self.fault is not None:
+            raise StorageError(
+                f"stopped: {self.fault}; free space or fix the disk, then run again "
+                "(every finished config is saved)"
+            )
 
     def _settle_in_flight(self) -> None:
         """Configs cut off by a stop: done if their result file made it, else todo again."""
         store = Store(self.job.output_dir)
+        self.futures.clear()
         for name, task in list(self.in_flight.items()):
             found = read_result(store.config_dir(name))
             if found is not None and found[1].get("attempt") == task.attempt:
-                result, meta = found
-                self.recorder.update(name, recovered_fields(result, meta))
+                self.recorder.update(name, recovered_fields(*found))
                 self.done += 1
             else:
                 self.recorder.update(name, {"status": "todo", "end_time": now_iso()})
-        self.interrupted = len(self.in_flight)
+                self.interrupted += 1
         self.in_flight.clear()
 
 
@@ -542,6 +779,8 @@ def recovered_fields(result: Any, meta: dict[str, Any]) -> dict[str, Any]:
         "duration_s": meta.get("duration_s"),
         "cache_hits": meta.get("cache_hits", 0),
         "cache_misses": meta.get("cache_misses", 0),
+        "session": meta.get("session"),
+        "fingerprint": meta.get("fingerprint"),
     }
 
 
@@ -570,14 +809,28 @@ def _merge(
         if stored == params:
             continue
         # Fields added (with a default) or removed since keep the identity; a changed value does not.
-        changed = [k for k in stored.keys() & params.keys() if stored[k] != params[k]]
+        changed = _changed_params(stored, params)
         if changed:
+            key, old, new = changed[0]
             raise ConfigError(
-                f"config name {name!r} is stored with {changed[0]}={stored[changed[0]]!r}, but "
-                f"now has {changed[0]}={params[changed[0]]!r}; config_naming must give different "
-                "configs different names"
+                f"config name {name!r} is stored with {key}={old!r}, but now has {key}={new!r}; "
+                "config_naming must give different configs different names"
             )
         record["params"] = params
+
+
+def _changed_params(
+    stored: dict[str, Any], params: dict[str, Any], prefix: str = ""
+) -> list[tuple[str, Any, Any]]:
+    """The (dotted) keys both sides have with different values; nested dicts may grow fields."""
+    changed = []
+    for key in stored.keys() & params.keys():
+        old, new = stored[key], params[key]
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _changed_params(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.append((f"{prefix}{key}", old, new))
+    return changed
 
 
 def _recover(store: Store, state: State) -> int:
@@ -680,83 +933,138 @@ def run_experiment(
     rerun_changed: bool = False,
 ) -> RunReport:
     """One run: take the lock, bring the state up to date, run what is pending, compact."""
-    from resweep import provenance
-
     if backend == "dask":
         raise ResweepError("the dask backend is not available in this version of resweep")
+    if experiment.timeout_s is not None and backend != "loky":
+        warnings.warn(
+            f"timeout_s is enforced by killing worker processes; backend {backend!r} runs configs "
+            "in this process, so they run without a time limit",
+            stacklevel=3,
+        )
     store = experiment.store
-    store.ensure_dir()
-    with store.lock(break_lock=break_lock):
-        state = store.read() if store.exists() else State()
-        _merge(state, experiment, named)
-        _recover(store, state)
-        fingerprint = provenance.fingerprint(experiment.function)
-        names = plan(
-            state,
-            named,
-            retry_failed=retry_failed,
-            only=only,
-            rerun_changed=rerun_changed,
-            fingerprint=fingerprint,
-        ).to_run
-        scheduler_obj = None
-        if not names:
-            store.compact(state)
-        else:
-            session, session_record = provenance.new_session(
-                experiment.function, backend=backend, max_workers=max_workers
+    try:
+        store.ensure_dir()
+        with store.lock(break_lock=break_lock):
+            return _run_locked(
+                experiment,
+                named,
+                store,
+                max_workers=max_workers,
+                retry_failed=retry_failed,
+                backend=backend,
+                only=only,
+                fresh=fresh,
+                progress=progress,
+                rerun_changed=rerun_changed,
             )
-            state.sessions[session] = session_record
-            store.compact(state)
-            if fresh:
-                cache.drop(store.root, names)
-            setup = experiment.setup
-            setup_value = setup.common() if setup is not None and setup.common else None
-            job = Job(
-                function=experiment.function,
-                takes_ctx=takes_context(experiment.function),
-                output_dir=str(store.root),
-                shared=experiment.context,
-                setup_value=setup_value,
-                per_worker=setup.per_worker if setup is not None else None,
-                cache=experiment.cache,
-                coordinator_pid=os.getpid(),
-                session=session,
-                fingerprint=fingerprint,
-            )
-            tasks = [Task(n, named[n][0]) for n in names]
-            recorder = Recorder(store, state)
-            try:
-                scheduler_obj = _Scheduler(
-                    job,
-                    tasks,
-                    recorder,
-                    backend=backend,
-                    max_workers=max_workers,
-                    retries=experiment.retries,
-                    progress=progress,
-                )
-                with routed_output():
-                    scheduler_obj.run()
-            except BaseException as error:
-                _write_run_failure(store, error)
-                raise
-            finally:
-                session_record["end_time"] = now_iso()
-                recorder.close()
-        counts = state.counts()
-        summary_missing = not (store.root / "summary.csv").exists()
-        if counts["done"] == len(state.configs) and (scheduler_obj is not None or summary_missing):
-            from resweep import summary
+    except OSError as error:
+        if error.errno not in STORAGE_ERRNOS:
+            raise
+        where = f" while writing {error.filename}" if error.filename else ""
+        raise StorageError(
+            f"stopped: {os.strerror(error.errno or 0)}{where}; free space or fix the disk, then "
+            "run again (every finished config is saved)"
+        ) from None
 
-            summary.save_summary(store, force=True, state=state)
-    stop = scheduler_obj.stop if scheduler_obj is not None else None
+
+def _run_locked(
+    experiment: Experiment,
+    named: dict[str, tuple[Any, dict[str, Any]]],
+    store: Store,
+    *,
+    max_workers: int,
+    retry_failed: bool,
+    backend: str,
+    only: str | None,
+    fresh: bool,
+    progress: bool,
+    rerun_changed: bool,
+) -> RunReport:
+    from resweep import provenance
+
+    state = store.read() if store.exists() else State()
+    _merge(state, experiment, named)
+    _recover(store, state)
+    fingerprint = provenance.fingerprint(experiment.function)
+    names = plan(
+        state,
+        named,
+        retry_failed=retry_failed,
+        only=only,
+        rerun_changed=rerun_changed,
+        fingerprint=fingerprint,
+    ).to_run
+    with contextlib.suppress(FileNotFoundError):
+        (store.root / RUN_FAILURE_FILE).unlink()
+    scheduler = None
+    if not names:
+        store.compact(state)
+    else:
+        session, session_record = provenance.new_session(
+            experiment.function, backend=backend, max_workers=max_workers
+        )
+        state.sessions[session] = session_record
+        store.compact(state)
+        if fresh:
+            cache.drop(store.root, names)
+        setup = experiment.setup
+        setup_value = setup.common() if setup is not None and setup.common else None
+        markers_dir = None
+        if backend == "loky":
+            markers_dir = store.root / WORKERS_DIR
+            shutil.rmtree(markers_dir, ignore_errors=True)
+            markers_dir.mkdir()
+        job = Job(
+            function=experiment.function,
+            takes_ctx=takes_context(experiment.function),
+            output_dir=str(store.root),
+            shared=experiment.context,
+            setup_value=setup_value,
+            per_worker=setup.per_worker if setup is not None else None,
+            cache=experiment.cache,
+            coordinator_pid=os.getpid(),
+            markers_dir=str(markers_dir) if markers_dir else None,
+            session=session,
+            fingerprint=fingerprint,
+        )
+        recorder = Recorder(store, state)
+        try:
+            scheduler = _Scheduler(
+                job,
+                [Task(n, named[n][0]) for n in names],
+                recorder,
+                backend=backend,
+                max_workers=max_workers,
+                retries=experiment.retries,
+                progress=progress,
+                timeout_s=experiment.timeout_s,
+            )
+            with routed_output():
+                scheduler.run()
+        except BaseException as error:
+            # Save what can be saved first: the journal already holds every outcome.
+            session_record["end_time"] = now_iso()
+            with contextlib.suppress(OSError):
+                recorder.close()
+            _write_run_failure(store, error)
+            raise
+        session_record["end_time"] = now_iso()
+        recorder.close()
+        if markers_dir is not None:
+            shutil.rmtree(markers_dir, ignore_errors=True)
+    counts = state.counts()
+    summary_missing = not (store.root / "summary.csv").exists()
+    if counts["done"] == len(state.configs) and (scheduler is not None or summary_missing):
+        from resweep import summary
+
+        summary.save_summary(store, force=True, state=state)
+    stop = scheduler.stop if scheduler is not None else None
     return RunReport(
         done=counts["done"],
         failed=counts["failed"],
         todo=counts["todo"] + counts["running"],
-        interrupted=scheduler_obj.interrupted if scheduler_obj is not None else 0,
-        executed=scheduler_obj.executed if scheduler_obj is not None else 0,
+        interrupted=scheduler.interrupted if scheduler is not None else 0,
+        executed=scheduler.executed if scheduler is not None else 0,
         signal=stop.signal_name if stop is not None and stop.requested else None,
     )
 

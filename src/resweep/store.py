@@ -42,7 +42,8 @@ _YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _YAML_DUMPER: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 # Numbers such as 1e-05 that YAML 1.1 would read as strings; they get a ".0".
 _BARE_EXPONENT = re.compile(r'("(?:[^"\\]|\\.)*")|(?<![\w.])(-?\d+)([eE][-+]?\d+)')
-_DIGIT_EXPONENT = re.compile(r"\d[eE]")
+# Cheap test for a number token like 1e-05; a string that merely looks so costs the full pass.
+_DIGIT_EXPONENT = re.compile(r"(?:^|[ \[])-?\d+[eE]")
 _SURROGATE_ESCAPE = re.compile(r"\\ud[89a-f]", re.IGNORECASE)
 
 
@@ -72,7 +73,7 @@ def encode_flow(value: Any) -> str:
 
 def _yaml_flow(value: Any) -> str:
     text: str = yaml.dump(
-        value, Dumper=_YAML_DUMPER, default_flow_style=True, width=float("inf"), allow_unicode=False
+        value, Dumper=_YAML_DUMPER, default_flow_style=True, width=2**31 - 1, allow_unicode=False
     )
     return text.removesuffix("\n").removesuffix("\n...")
 
@@ -221,6 +222,28 @@ def _check_record(name: Any, record: Any, path: Path) -> None:
     record.setdefault("params", {})
 
 
+# Test hook for the kill-point suite: with RESWEEP_CRASH_AFTER_STEP=N set, the coordinating
+# process dies (os._exit) right after its N-th persistence step (a write, fsync, rename, ...).
+CRASH_EXIT_CODE = 86
+_crash_after_step = int(os.environ.get("RESWEEP_CRASH_AFTER_STEP") or 0)
+_steps_taken = 0
+
+
+def persisted(step: str) -> None:
+    """Count one persistence step; the kill-point tests crash the process here."""
+    global _steps_taken
+    if _crash_after_step:
+        _steps_taken += 1
+        if _steps_taken == _crash_after_step:
+            os._exit(CRASH_EXIT_CODE)
+
+
+def disable_crash_hook() -> None:
+    """Worker processes inherit the environment but are not the process under test."""
+    global _crash_after_step
+    _crash_after_step = 0
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new file in path survive a power loss."""
     fd = os.open(path, os.O_RDONLY)
@@ -228,6 +251,7 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    persisted("fsync-dir")
 
 
 def write_atomic(path: Path, text: str, *, durable: bool = True) -> None:
@@ -236,10 +260,13 @@ def write_atomic(path: Path, text: str, *, durable: bool = True) -> None:
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
+            handle.flush()
+            persisted("write")
             if durable:
-                handle.flush()
                 os.fsync(handle.fileno())
+                persisted("fsync")
         os.replace(tmp, path)
+        persisted("rename")
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -303,18 +330,28 @@ class Journal:
             if self._pending:
                 data = b"".join(self._pending)
                 self._pending.clear()
+                size = os.lseek(self._fd, 0, os.SEEK_END)
                 view = memoryview(data)
-                while view:
-                    written = os.write(self._fd, view)
-                    view = view[written:]
+                try:
+                    while view:
+                        written = os.write(self._fd, view)
+                        view = view[written:]
+                except OSError:
+                    # A full disk may take half a line: cut it, so later lines stay whole.
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(self._fd, size)
+                    raise
+                persisted("journal-write")
             if sync:
                 os.fdatasync(self._fd)
+                persisted("journal-sync")
 
     def truncate(self) -> None:
         """Empty the journal once a compaction has folded it into the state file."""
         with self._lock:
             os.ftruncate(self._fd, 0)
             os.fsync(self._fd)
+            persisted("journal-truncate")
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -117,7 +117,7 @@ def _frame(columns: list[str], table: Iterable[dict[str, Any]]) -> pd.DataFrame:
             frame[column] = frame[column].astype("string")
     if "status" in frame:
         frame["status"] = frame["status"].astype("category")
-    return frame.convert_dtypes(convert_string=False, convert_integer=True, convert_boolean=True)
+    return frame.convert_dtypes()
 
 
 class ExperimentView:
