@@ -11,6 +11,7 @@ from resweep.errors import (
     ResultError,
     ResweepError,
     StateError,
+    StorageError,
     UnknownConfigError,
 )
 from resweep.experiment import Context, Experiment, RunReport, WorkerSetup
@@ -33,6 +34,7 @@ __all__ = [
     "ResweepError",
     "RunReport",
     "StateError",
+    "StorageError",
     "UnknownConfigError",
     "WorkerSetup",
     "__version__",

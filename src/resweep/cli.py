@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import difflib
+import inspect
 import json as jsonlib
+import os
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -195,13 +198,36 @@ class CLI:
         print(yaml.safe_dump(shown, sort_keys=False, allow_unicode=True, width=100).rstrip())
 
 
+def _check_options(args: list[str]) -> None:
+    """Reject an unknown --option before the command runs (fire would only notice after)."""
+    if not args or not hasattr(CLI, args[0]) or args[0].startswith("_"):
+        return
+    params = set(inspect.signature(getattr(CLI, args[0])).parameters) - {"self"}
+    for arg in args[1:]:
+        if arg == "--":
+            return
+        if not arg.startswith("--") or arg == "--help":
+            continue
+        key = arg[2:].split("=", 1)[0].replace("-", "_")
+        if key in params or (key.startswith("no") and key[2:] in params):
+            continue
+        close = difflib.get_close_matches(key, sorted(params), n=1)
+        hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else ""
+        raise ResweepError(f"{args[0]} has no option --{key.replace('_', '-')}{hint}")
+
+
 def main(experiment: Experiment, argv: list[str] | None = None) -> None:
     """Run the CLI; ResweepError becomes one line on stderr and exit status 2."""
     import fire
 
-    args = _quote_names(sys.argv[1:] if argv is None else argv)
+    raw = sys.argv[1:] if argv is None else argv
     try:
-        fire.Fire(CLI(experiment), command=args, name=sys.argv[0].rsplit("/", 1)[-1])
+        _check_options(raw)
+        fire.Fire(CLI(experiment), command=_quote_names(raw), name=sys.argv[0].rsplit("/", 1)[-1])
     except ResweepError as error:
         print(f"error: {error}", file=sys.stderr)
         _exit(2)
+    except BrokenPipeError:
+        # `exp.py show NAME | head`: the reader left; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _exit(0)

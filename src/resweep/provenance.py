@@ -7,8 +7,10 @@ import functools
 import getpass
 import hashlib
 import inspect
+import linecache
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -38,20 +40,32 @@ MODULE_CHANGED = "code elsewhere in the function's module changed"
 
 def _versions() -> dict[str, str]:
     """Python's version and those of resweep's dependencies and every imported distribution."""
-    from importlib.metadata import PackageNotFoundError, packages_distributions, version
+    from importlib import metadata
 
-    names = set(TRACKED_DISTRIBUTIONS)
-    with contextlib.suppress(Exception):  # broken metadata must never stop a run
-        providers = packages_distributions()
-        for module in list(sys.modules):
-            names.update(providers.get(module.partition(".")[0], ()))
+    imported = {module.partition(".")[0] for module in list(sys.modules)}
+    tracked = {_normalize(name) for name in TRACKED_DISTRIBUTIONS}
     found = {}
-    for name in names:
-        try:
-            found[name.lower()] = version(name)
-        except (PackageNotFoundError, ValueError):
-            continue
+    with contextlib.suppress(Exception):  # broken metadata must never stop a run
+        for dist in metadata.distributions():
+            name = dist.metadata["Name"]
+            if not name:
+                continue
+            if _normalize(name) in tracked or imported.intersection(_top_level(dist)):
+                found[_normalize(name)] = dist.version
     return {"python": platform.python_version(), **dict(sorted(found.items()))}
+
+
+def _top_level(dist: Any) -> set[str]:
+    """The names a distribution can be imported by: top_level.txt, else its RECORD."""
+    listed = dist.read_text("top_level.txt")
+    if listed is not None:
+        return set(listed.split())
+    record = dist.read_text("RECORD") or ""
+    return {line.split("/", 1)[0].split(",", 1)[0].removesuffix(".py") for line in record.split()}
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
 
 
 def _git(source: Path) -> dict[str, Any] | None:
@@ -152,7 +166,7 @@ def _target(function: Callable[..., Any]) -> Any:
             break
         target = unwrapped
     if not (inspect.isroutine(target) or inspect.isclass(target)) and callable(target):
-        target = type(target)
+        target = type(target).__call__  # an instance runs its class's __call__
     return target
 
 
@@ -179,11 +193,13 @@ def fingerprint(function: Callable[..., Any]) -> str:
         own = inspect.getsource(target)
     except (OSError, TypeError):
         own = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', target)}"
-    module = inspect.getmodule(target)
     whole = ""
-    if module is not None:
-        with contextlib.suppress(OSError, TypeError):
-            whole = inspect.getsource(module)
+    with contextlib.suppress(OSError, TypeError):
+        # The file the function is in, read as inspect reads it (a notebook cell works too).
+        file = inspect.getsourcefile(target)
+        if file:
+            linecache.checkcache(file)
+            whole = "".join(linecache.getlines(file))
     return f"{_digest(own)}{_SEPARATOR}{_digest(whole)}"
 
 

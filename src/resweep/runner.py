@@ -37,6 +37,7 @@ from resweep.store import (
     disable_crash_hook,
     now_iso,
     read_result,
+    recovered_fields,
     write_atomic,
     write_result,
 )
@@ -352,6 +353,9 @@ def execute(job: Job, task: Task, setup_error: str | None = None) -> Outcome:
             write_result(config_dir, result, meta)
         elif trace is not None:
             write_atomic(config_dir / EXCEPTION_FILE, trace, durable=False)
+            # log.txt keeps every attempt's traceback; exception.txt only the last one.
+            with open(config_dir / LOG_FILE, "a", encoding="utf-8") as handle:
+                handle.write(f"--- attempt {task.attempt} failed, {now_iso()}\n{trace}")
     except OSError as exc:
         if exc.errno not in STORAGE_ERRNOS:
             raise
@@ -769,21 +773,6 @@ class _Scheduler:
         self.in_flight.clear()
 
 
-def recovered_fields(result: Any, meta: dict[str, Any]) -> dict[str, Any]:
-    """State fields for a config whose result file was written but never recorded."""
-    return {
-        "status": "done",
-        "result": result,
-        "error": None,
-        "end_time": meta.get("end_time"),
-        "duration_s": meta.get("duration_s"),
-        "cache_hits": meta.get("cache_hits", 0),
-        "cache_misses": meta.get("cache_misses", 0),
-        "session": meta.get("session"),
-        "fingerprint": meta.get("fingerprint"),
-    }
-
-
 def _merge(
     state: State, experiment: Experiment, named: dict[str, tuple[Any, dict[str, Any]]]
 ) -> None:
@@ -831,22 +820,6 @@ def _changed_params(
         elif old != new:
             changed.append((f"{prefix}{key}", old, new))
     return changed
-
-
-def _recover(store: Store, state: State) -> int:
-    """Settle the configs a dead run left running; return how many."""
-    count = 0
-    for name, record in state.configs.items():
-        if record["status"] != "running":
-            continue
-        count += 1
-        found = read_result(store.config_dir(name))
-        if found is not None and found[1].get("attempt") == record.get("attempts"):
-            record.update(recovered_fields(*found))
-        else:
-            record["status"] = "todo"
-            record["interruptions"] = record.get("interruptions", 0) + 1
-    return count
 
 
 @dataclass
@@ -984,7 +957,7 @@ def _run_locked(
 
     state = store.read() if store.exists() else State()
     _merge(state, experiment, named)
-    _recover(store, state)
+    store.settle_interrupted(state, count=True)
     fingerprint = provenance.fingerprint(experiment.function)
     names = plan(
         state,

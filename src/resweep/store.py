@@ -379,6 +379,49 @@ def read_result(config_dir: Path) -> tuple[Any, dict[str, Any]] | None:
         return None
 
 
+def recovered_fields(result: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """State fields for a config whose result file was written but never recorded."""
+    return {
+        "status": "done",
+        "result": result,
+        "error": None,
+        "end_time": meta.get("end_time"),
+        "duration_s": meta.get("duration_s"),
+        "cache_hits": meta.get("cache_hits", 0),
+        "cache_misses": meta.get("cache_misses", 0),
+        "session": meta.get("session"),
+        "fingerprint": meta.get("fingerprint"),
+    }
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
+_RESTORE_HINT = "restore it from a backup, or fix it by hand (a plain YAML file)"
+# dump_state always writes this line; a file without it was cut short.
+_CONFIGS_LINE = re.compile(r"^configs:", re.MULTILINE)
+
+
+def _parse_checked(text: str, path: Path) -> State:
+    """parse_state, refusing a file cut before its configs, every error with a way out."""
+    try:
+        state = parse_state(text, path)
+    except StateError as error:
+        if ";" in str(error):
+            raise
+        raise StateError(f"{error}; {_RESTORE_HINT}") from None
+    if not _CONFIGS_LINE.search(text):
+        raise StateError(f"{path} has no 'configs' section, as if cut short; {_RESTORE_HINT}")
+    return state
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """Who holds the experiment: shown to a second run that finds it busy."""
@@ -412,18 +455,29 @@ class Store:
 
     def ensure_dir(self) -> None:
         if self.root.exists() and not self.root.is_dir():
-            raise StateError(f"output_dir {self.root} is a file; give a directory")
+            raise StateError(
+                f"output_dir {self.root} is a file; move it away or give a directory as output_dir"
+            )
         try:
             self.configs_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise StateError(f"cannot create output_dir {self.root}: {error.strerror}") from None
+            raise StateError(
+                f"cannot create output_dir {self.root}: {error.strerror}; create it yourself "
+                "or give an output_dir you can write to"
+            ) from None
         if not os.access(self.root, os.W_OK | os.X_OK):
-            raise StateError(f"output_dir {self.root} is not writable")
+            raise StateError(
+                f"output_dir {self.root} is not writable; fix its permissions or give another "
+                "output_dir (status and show only read it)"
+            )
 
     def read(self) -> State:
         """The state file with the journal applied on top: what a reader should believe."""
         if self.root.exists() and not self.root.is_dir():
-            raise StateError(f"output_dir {self.root} is a file, not an experiment directory")
+            raise StateError(
+                f"output_dir {self.root} is a file, not an experiment directory; point "
+                "output_dir at the experiment's directory"
+            )
         for _ in range(5):
             try:
                 text = self.state_path.read_text(encoding="utf-8")
@@ -432,12 +486,17 @@ class Store:
                     f"no experiment in {self.root} yet (no {STATE_FILE}); run it first"
                 ) from None
             except UnicodeDecodeError:
-                raise StateError(f"{self.state_path} is not UTF-8 text") from None
-            state = parse_state(text, self.state_path)
+                raise StateError(
+                    f"{self.state_path} is not UTF-8 text; {_RESTORE_HINT}"
+                ) from None
+            state = _parse_checked(text, self.state_path)
             entries = read_journal(self.journal_path, state.journal_seq)
             # A compaction between our two reads leaves a gap: read again.
             if not entries or entries[0][0] == state.journal_seq + 1:
                 apply_entries(state, entries)
+                if state.counts()["running"] and self.active_run() is None:
+                    # Left running by a run that is gone: read them as the next run will settle them.
+                    self.settle_interrupted(state, count=False)
                 return state
         raise StateError(f"{self.root} changed five times while being read; try again")
 
@@ -486,12 +545,30 @@ class Store:
             return "holder unknown"
 
     def active_run(self) -> RunInfo | None:
-        """The run holding the experiment now, if any."""
+        """The run holding the experiment now; None when there is none or its process is gone."""
         try:
-            data = json.loads((self.root / RUN_FILE).read_text())
-            return RunInfo(**data)
+            info = RunInfo(**json.loads((self.root / RUN_FILE).read_text()))
         except (OSError, ValueError, TypeError):
             return None
+        if info.host == socket.gethostname() and not _pid_alive(info.pid):
+            return None  # provably dead: same host, no such process
+        return info
+
+    def settle_interrupted(self, state: State, *, count: bool) -> list[str]:
+        """Configs a dead run left running: done if their result file made it, else todo again."""
+        settled = []
+        for name, record in state.configs.items():
+            if record["status"] != "running":
+                continue
+            settled.append(name)
+            found = read_result(self.config_dir(name))
+            if found is not None and found[1].get("attempt") == record.get("attempts"):
+                record.update(recovered_fields(*found))
+            else:
+                record["status"] = "todo"
+                if count:
+                    record["interruptions"] = record.get("interruptions", 0) + 1
+        return settled
 
 
 class Recorder:
