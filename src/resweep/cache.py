@@ -316,7 +316,8 @@ def call_cached(
     full_key = f"{current.config}\x1f{n}\x1f{key}"
     blob = current.cache.get(full_key, default=_MISSING, retry=True)
     if blob is not _MISSING:
-        current.stats.hits += 1
+        with current.lock:
+            current.stats.hits += 1
         return pickle.loads(blob)
     if current.mode == "replay":
         _release(current, key, n)
@@ -343,7 +344,8 @@ def call_cached(
             f"{type(error).__name__}: {error}"
         ) from error
     current.cache.set(full_key, blob, tag=current.config, retry=True)
-    current.stats.misses += 1
+    with current.lock:
+        current.stats.misses += 1
     return value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import inspect
 import logging
@@ -138,7 +139,9 @@ class Experiment:
         if isinstance(self.configs, str | bytes) or (
             self.configs is not None and not isinstance(self.configs, Sequence)
         ):
-            self.configs = list(self.configs) if self.configs is not None else None
+            # Not iterable at all (configs=42): named_configs refuses it, inside the CLI's care.
+            with contextlib.suppress(TypeError):
+                self.configs = list(self.configs) if self.configs is not None else None
         if not isinstance(self.retries, int) or self.retries < 0:
             raise ConfigError(f"retries must be a whole number >= 0, not {self.retries!r}")
         if self.timeout_s is not None and not self.timeout_s > 0:
@@ -159,7 +162,17 @@ class Experiment:
                 state = self.store.read()
                 self._named = {n: (r["params"], r["params"]) for n, r in state.configs.items()}
             else:
-                self._named = identity.name_configs(self.configs, self.config_naming)
+                if not isinstance(self.configs, Sequence):
+                    raise ConfigError(
+                        f"configs is a {type(self.configs).__name__}; give a list of dataclass "
+                        "instances or dicts"
+                    )
+                try:
+                    self._named = identity.name_configs(self.configs, self.config_naming)
+                except ConfigError as error:
+                    if ";" in str(error):
+                        raise
+                    raise ConfigError(f"{error}; fix configs or config_naming") from None
         return self._named
 
     def read_state(self) -> State:
@@ -189,7 +202,10 @@ class Experiment:
         if backend not in BACKENDS:
             raise ResweepError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
-            raise ResweepError(f"max_workers must be a whole number >= 1, not {max_workers!r}")
+            raise ResweepError(
+                f"max_workers must be a whole number >= 1, not {max_workers!r}; "
+                "pass --max-workers 1 or more"
+            )
         if only is not None:
             only = str(only)
         named = self.named_configs()
@@ -286,6 +302,7 @@ def lookup(state: State, name: str) -> dict[str, Any]:
 
         close = difflib.get_close_matches(name, list(state.configs), n=3)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        hint = hint or "; the keys under 'configs' in experiment.yaml are the names"
         raise UnknownConfigError(f"no config named {name!r}{hint}")
     return record
 

@@ -1,0 +1,231 @@
+"""Replay: re-running done configs from the cache, comparing results, and the CLI's exit codes."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import resweep
+
+# Where the real calls are counted; set by the `calls` fixture.
+CALLS: list[Path] = []
+# What the functions below read besides their config: flipped by tests to change a run.
+KNOBS: dict[str, Any] = {"suffix": "", "bonus": 0}
+
+
+def real_calls() -> list[str]:
+    path = CALLS[-1]
+    return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+
+
+@pytest.fixture
+def calls(tmp_path: Path) -> Any:
+    path = tmp_path / "calls.txt"
+    CALLS.append(path)
+    yield path
+    CALLS.remove(path)
+    KNOBS.update(suffix="", bonus=0)
+
+
+@resweep.cached(name="llm")
+def ask(prompt: str, temperature: float = 0.7) -> str:
+    """A paid, non-deterministic call: every real call gives a new answer."""
+    with open(CALLS[-1], "a", encoding="utf-8") as handle:
+        handle.write(f"{prompt}\n")
+    return f"{prompt} -> {len(real_calls())}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: str
+    seed: int = 0
+
+
+def evaluate(config: Config, ctx: resweep.Context) -> dict[str, Any]:
+    answers = [ask(f"{config.model}/{config.seed}/q{i}" + KNOBS["suffix"]) for i in range(4)]
+    (ctx.dir / "answers.txt").write_text("\n".join(answers))
+    return {"answers": answers, "score": len(answers) + KNOBS["bonus"], "meta": {"n": 4}}
+
+
+@pytest.fixture
+def experiment(tmp_path: Path, calls: Path) -> resweep.Experiment:
+    """A finished experiment of four configs, four recorded calls each."""
+    done = resweep.Experiment(
+        function=evaluate,
+        configs=resweep.grid(Config, model=["a", "b"], seed=[0, 1]),
+        output_dir=tmp_path / "out",
+    )
+    report = done.run(backend="sequential", progress=False)
+    assert report.done == 4
+    return done
+
+
+def test_full_replay_makes_no_real_call_and_reproduces_every_result(
+    experiment: resweep.Experiment, calls: Path
+) -> None:
+    """Replaying every done config calls nothing for real and gives back every stored result."""
+    before = real_calls()
+    replays = experiment.replay()
+    assert len(replays) == 4 and all(r.equal for r in replays)
+    assert all(r.result == r.stored and r.cache_hits == 4 for r in replays)
+    assert real_calls() == before
+
+
+def test_replay_leaves_stored_artifacts_alone(
+    experiment: resweep.Experiment, tmp_path: Path
+) -> None:
+    """During replay ctx.dir is a fresh temporary directory; stored artifacts keep their text."""
+    name = next(iter(experiment.read_state().configs))
+    stored = tmp_path / "out" / "configs" / name / "answers.txt"
+    text = stored.read_text()
+    KNOBS["bonus"] = 1
+    experiment.replay(name)
+    assert stored.read_text() == text
+
+
+def test_replay_shows_a_changed_result_key_by_key(experiment: resweep.Experiment) -> None:
+    """When the code now computes something else, replay names each differing key."""
+    KNOBS["bonus"] = 1
+    name = next(iter(experiment.read_state().configs))
+    replay = experiment.replay(name)
+    assert not replay.equal
+    assert replay.differences == ["score: stored 4, replayed 5"]
+    assert "score: stored 4, replayed 5" in replay.describe()
+
+
+def test_changed_arguments_raise_cache_miss_without_a_real_call(
+    experiment: resweep.Experiment,
+) -> None:
+    """A call whose arguments changed since recording is a CacheMiss, and nothing is called."""
+    before = real_calls()
+    KNOBS["suffix"] = " (reworded)"
+    name = next(iter(experiment.read_state().configs))
+    with pytest.raises(resweep.CacheMiss, match=r"llm\('a/0/q0 \(reworded\)'\)") as caught:
+        experiment.replay(name)
+    assert "was never recorded" in str(caught.value)
+    assert real_calls() == before
+
+
+def test_a_swallowed_cache_miss_still_fails_the_replay(tmp_path: Path, calls: Path) -> None:
+    """Code that catches every exception cannot hide a CacheMiss from replay."""
+
+    def forgiving(config: Config) -> dict[str, Any]:
+        try:
+            answer = ask(config.model + KNOBS["suffix"])
+        except Exception:
+            raise ValueError("fallback failed too") from None
+        return {"answer": answer}
+
+    experiment = resweep.Experiment(
+        function=forgiving, configs=[Config("a")], output_dir=tmp_path / "out"
+    )
+    experiment.run(backend="sequential", progress=False)
+    KNOBS["suffix"] = "!"
+    with pytest.raises(resweep.CacheMiss):
+        experiment.replay()
+    assert len(real_calls()) == 1
+
+
+def test_replay_refuses_unknown_and_unfinished_configs(experiment: resweep.Experiment) -> None:
+    """Replay of an unknown name or a config that is not done is a clear error."""
+    with pytest.raises(resweep.UnknownConfigError, match="no config named"):
+        experiment.replay("nope")
+    state = experiment.store.read()
+    name = next(iter(state.configs))
+    state.configs[name]["status"] = "todo"
+    experiment.store.compact(state)
+    with pytest.raises(resweep.ResweepError, match="only done configs can be replayed"):
+        experiment.replay(name)
+
+
+# -- the command line, as a real process ------------------------------------------------------
+
+SCRIPT = """\
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import resweep
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CALLS = os.path.join(HERE, "calls.txt")
+
+
+@resweep.cached
+def ask(prompt: str) -> str:
+    with open(CALLS, "a") as handle:
+        handle.write(prompt + "\\n")
+    return f"answer {os.urandom(4).hex()}"
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int
+
+
+def evaluate(config: Config) -> dict:
+    prompt = "question" + ("?" if os.environ.get("REPLAY_TEST") == "miss" else "")
+    bonus = 1 if os.environ.get("REPLAY_TEST") == "differ" else 0
+    return {"answer": ask(prompt), "score": config.seed + bonus}
+
+
+experiment = resweep.Experiment(
+    function=evaluate, configs=[Config(0), Config(1)], output_dir=os.path.join(HERE, "out")
+)
+
+if __name__ == "__main__":
+    experiment.run_cli()
+"""
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """exp.py, run once to the end; replays never change what it stored."""
+    path = tmp_path_factory.mktemp("cli") / "exp.py"
+    path.write_text(textwrap.dedent(SCRIPT), encoding="utf-8")
+    ran = cli(path, "run", "--progress=False")
+    assert ran.returncode == 0, ran.stderr
+    return path
+
+
+def cli(script: Path, *args: str, mode: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=script.parent,
+        env={**os.environ, "REPLAY_TEST": mode},
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "args", "code", "says"),
+    [
+        ("", [], 0, "replayed 2: 2 equal, 0 differ"),
+        ("", ["--config", "seed=1"], 0, "seed=1: replayed result equals the stored one"),
+        ("differ", [], 1, "score: stored 0, replayed 1"),
+        ("miss", ["--config", "seed=0"], 2, "CacheMiss: config 'seed=0': call #1 ask('question?')"),
+        ("", ["--config", "seed=9"], 2, "no config named 'seed=9'"),
+    ],
+    ids=["equal", "one-equal", "differ", "miss", "unknown"],
+)
+def test_cli_replay_exit_status(
+    script: Path, mode: str, args: list[str], code: int, says: str
+) -> None:
+    """`replay` exits 0 when all equal, 1 when some differ, 2 on a CacheMiss or a bad name."""
+    calls_before = (script.parent / "calls.txt").read_text()
+    done = cli(script, "replay", *args, mode=mode)
+    assert done.returncode == code, done.stdout + done.stderr
+    assert says in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert (script.parent / "calls.txt").read_text() == calls_before
