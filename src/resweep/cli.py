@@ -18,6 +18,7 @@ from resweep.experiment import lookup
 
 if TYPE_CHECKING:
     from resweep.experiment import Experiment
+    from resweep.store import State
 
 # Options whose values are names or patterns: always strings, never numbers.
 _STRING_OPTIONS = ("--config", "--name", "--only", "--scheduler")
@@ -62,6 +63,14 @@ def _changed_warning(changed: dict[str, str]) -> str | None:
         f"current code ({', '.join(parts)}); `run --rerun-changed` re-runs them, "
         "`run --dry-run --rerun-changed` lists them"
     )
+
+
+def _count(state: State, names: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name in names:
+        status = state.configs[name]["status"]
+        counts[status] = counts.get(status, 0) + 1
+    return counts
 
 
 def _exit(code: int) -> NoReturn:
@@ -117,10 +126,13 @@ class CLI:
 
     def status(self, failed: bool = False, json: bool = False) -> None:
         """Counts by status, the configs running now, and with --failed each failure's error."""
-        state = self._experiment.read_state()
+        store = self._experiment.store
+        state = store.read()
         counts = state.counts()
         running = {n: r for n, r in state.configs.items() if r["status"] == "running"}
-        active = self._experiment.store.active_run()
+        active = store.active_run()
+        # Configs a dead run left running, read as the next run will settle them.
+        left = store.left_running
         failures = {n: r.get("error") for n, r in state.configs.items() if r["status"] == "failed"}
         changed = provenance.changed_configs(
             state.configs, provenance.fingerprint(self._experiment.function)
@@ -135,6 +147,7 @@ class CLI:
                 "total": len(state.configs),
                 "running": {n: r.get("start_time") for n, r in running.items()},
                 "active_run": active.__dict__ if active else None,
+                "left_running": {n: state.configs[n]["status"] for n in left},
                 "cache": {"hits": hits, "misses": misses},
                 "changed": len(changed),
                 "warnings": [warning] if warning else [],
@@ -146,6 +159,14 @@ class CLI:
         title = state.name or self._experiment.store.root.name
         summary = ", ".join(f"{k} {v}" for k, v in counts.items())
         print(f"{title}: {len(state.configs)} configs: {summary}")
+        if left:
+            print(
+                f"{len(left)} left running by a run that stopped, now "
+                + ", ".join(f"{v} {k}" for k, v in _count(state, left).items())
+                + "; the next run runs the todo ones again"
+            )
+            for name in left:
+                print(f"  {name}  {state.configs[name]['status']}")
         if running:
             if active is None:
                 print(

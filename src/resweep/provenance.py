@@ -133,7 +133,7 @@ def new_session(
 def describe_session(session_id: str | None, sessions: Mapping[str, Any]) -> dict[str, Any]:
     """What `show` prints about the session that ran a config: who, where, which versions."""
     if session_id is None:
-        return {"session": None, "note": "no session recorded (run by an older resweep)"}
+        return {"session": None, "note": "no run session recorded for this config"}
     record = sessions.get(session_id)
     if not isinstance(record, Mapping):
         return {"session": session_id, "note": "this session is missing from the state file"}

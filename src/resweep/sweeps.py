@@ -25,7 +25,6 @@ _AXIS_KEYS = ("mode", "params")
 _MODES = ("grid", "zip")
 # Numbers that YAML 1.1 (PyYAML) reads as strings: an exponent without a dot, like 1e-3.
 _NUMBER_LIKE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\Z")
-_YAML_BOOL_WORDS = ("yes", "no", "on", "off", "y", "n", "true", "false")
 
 
 # -- the fields of a config class ---------------------------------------------------------
@@ -154,7 +153,7 @@ def _why(value: Any, hint: Any) -> str:
             return f" (YAML reads {value} as a string; write it with a dot, like 1.0e-3)"
         return " (it is quoted in the file; write it without quotes)"
     if isinstance(value, bool) and _matches("x", hint):
-        return f" (YAML reads {', '.join(_YAML_BOOL_WORDS)} as true/false; quote the word)"
+        return " (YAML reads yes, no, on and off as booleans; quote the word)"
     return ""
 
 

@@ -1,0 +1,324 @@
+"""Run sessions and code fingerprints: recorded with every run, shown, and compared by status."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+import resweep
+from conftest import Config, run_script, square
+from resweep import provenance
+from resweep.store import Store
+
+MODULE = """\
+import functools
+
+
+def helper(x):
+    return x + 1
+
+
+def work(config):
+    return {"y": helper(config)}
+
+
+def decorate(fn):
+    @functools.wraps(fn)
+    def wrapper(*args):
+        return fn(*args)
+
+    return wrapper
+
+
+wrapped = decorate(work)
+
+
+class Callable:
+    def __call__(self, config):
+        return {"y": config}
+"""
+
+SCRIPT = """\
+@dataclass(frozen=True)
+class Config:
+    x: int
+
+
+CALLS = os.path.join(os.path.dirname(OUT), "calls.txt")
+
+
+def work(config: Config) -> dict:
+    with open(CALLS, "a") as calls:
+        calls.write(f"{config.x}\\n")
+    return {"y": config.x * 1}
+
+
+experiment = resweep.Experiment(
+    function=work,
+    configs=resweep.grid(Config, x=[0, 1, 2]),
+    output_dir=OUT,
+    name="provenance",
+)
+"""
+
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+
+
+def load_module(path: Path, text: str) -> ModuleType:
+    """Write text to path and import it under a name of its own."""
+    path.write_text(text, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location(f"prov_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def git(cwd: Path, *args: str) -> str:
+    """Run git in a throwaway repository of the test."""
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+def calls(tmp_path: Path) -> list[int]:
+    """The x of every config executed so far, in the order they ran."""
+    path = tmp_path / "calls.txt"
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def state(tmp_path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((tmp_path / "out" / "experiment.yaml").read_text())
+    return data
+
+
+@pytest.fixture
+def modules(tmp_path: Path) -> Iterator[Callable[[str, str], ModuleType]]:
+    """Import module versions written to tmp_path; each gets a fresh file and name."""
+    yield lambda name, text: load_module(tmp_path / f"{name}.py", text)
+
+
+def test_fingerprint_is_stable_for_the_same_code(
+    modules: Callable[[str, str], ModuleType],
+) -> None:
+    """The same source in two files gives the same fingerprint."""
+    first, second = modules("a", MODULE), modules("b", MODULE)
+    assert provenance.fingerprint(first.work) == provenance.fingerprint(second.work)
+    assert (
+        provenance.compare(provenance.fingerprint(first.work), provenance.fingerprint(second.work))
+        is None
+    )
+
+
+def test_fingerprint_tells_function_changes_from_module_changes(
+    modules: Callable[[str, str], ModuleType],
+) -> None:
+    """Editing the function changes its part; editing a helper changes only the module part."""
+    before = provenance.fingerprint(modules("v1", MODULE).work)
+    function = modules("v2", MODULE.replace('{"y": helper(config)}', '{"y": helper(config) * 2}'))
+    helper = modules("v3", MODULE.replace("return x + 1", "return x + 2"))
+    assert provenance.compare(before, provenance.fingerprint(function.work)) == (
+        provenance.FUNCTION_CHANGED
+    )
+    assert provenance.compare(before, provenance.fingerprint(helper.work)) == (
+        provenance.MODULE_CHANGED
+    )
+    assert provenance.compare(None, before) is None
+    assert provenance.compare("0123456789abcdef", before) == "the code changed"
+
+
+def test_fingerprint_sees_through_decorators_partials_and_callables(
+    modules: Callable[[str, str], ModuleType],
+) -> None:
+    """A decorated function, a partial and a callable instance are fingerprinted by their code."""
+    module = modules("wrapped", MODULE)
+    plain = provenance.fingerprint(module.work)
+    assert provenance.fingerprint(module.wrapped) == plain
+    assert provenance.fingerprint(functools.partial(module.work)) == plain
+    instance = provenance.fingerprint(module.Callable())
+    assert instance != plain
+    assert instance.split(".")[1] == plain.split(".")[1]
+
+
+def test_fingerprint_of_code_without_source_does_not_fail() -> None:
+    """A builtin has no source; its fingerprint is still a stable string."""
+    assert provenance.fingerprint(len) == provenance.fingerprint(len)
+
+
+def test_new_session_records_who_where_and_what(tmp_path: Path) -> None:
+    """A session has start and end, host, user, pid, versions, git, backend and max_workers."""
+    module = load_module(tmp_path / "nogit.py", MODULE)
+    session_id, record = provenance.new_session(module.work, backend="loky", max_workers=3)
+    assert len(session_id) == 12
+    assert record["end_time"] is None and record["start_time"]
+    assert record["pid"] == os.getpid()
+    assert record["host"] and record["user"]
+    assert (record["backend"], record["max_workers"]) == ("loky", 3)
+    assert record["versions"]["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert record["versions"]["resweep"] == resweep.__version__
+    # Imported distributions are recorded too, not only resweep's own dependencies.
+    assert "pytest" in record["versions"]
+    assert record["source"] == str(tmp_path / "nogit.py")
+    assert record["fingerprint"] == provenance.fingerprint(module.work)
+    assert record["git"] is None
+    assert yaml.safe_load(json.dumps(record)) == record
+
+
+@needs_git
+def test_session_git_commit_and_dirty_flag(tmp_path: Path) -> None:
+    """The git commit is recorded; a changed tracked file or an uncommitted source is dirty."""
+    git(tmp_path, "init", "-q")
+    tracked = load_module(tmp_path / "tracked.py", MODULE)
+    git(tmp_path, "add", "tracked.py")
+    git(tmp_path, "commit", "-q", "-m", "first")
+    head = git(tmp_path, "rev-parse", "HEAD")
+    record = provenance.new_session(tracked.work, backend="sequential", max_workers=1)[1]
+    assert record["git"] == {"commit": head, "dirty": False}
+    untracked = load_module(tmp_path / "untracked.py", MODULE)
+    record = provenance.new_session(untracked.work, backend="sequential", max_workers=1)[1]
+    assert record["git"] == {"commit": head, "dirty": True}
+    (tmp_path / "tracked.py").write_text(MODULE + "# edited\n")
+    record = provenance.new_session(tracked.work, backend="sequential", max_workers=1)[1]
+    assert record["git"] == {"commit": head, "dirty": True}
+
+
+def test_changed_configs_counts_only_done_configs_with_other_code() -> None:
+    """Todo, failed and unfingerprinted configs are never counted as changed."""
+    configs = {
+        "same": {"status": "done", "fingerprint": "a.b"},
+        "function": {"status": "done", "fingerprint": "x.y"},
+        "module": {"status": "done", "fingerprint": "a.y"},
+        "unknown": {"status": "done"},
+        "failed": {"status": "failed", "fingerprint": "x.y"},
+        "todo": {"status": "todo", "fingerprint": "x.y"},
+    }
+    assert provenance.changed_configs(configs, "a.b") == {
+        "function": provenance.FUNCTION_CHANGED,
+        "module": provenance.MODULE_CHANGED,
+    }
+
+
+def test_describe_session_of_a_missing_session() -> None:
+    """A record pointing at no known session says so instead of failing."""
+    assert "missing" in provenance.describe_session("abc", {})["note"]
+    assert provenance.describe_session(None, {})["session"] is None
+
+
+@needs_git
+def test_show_prints_the_session_that_produced_a_config(
+    tmp_path: Path, write_script: Callable[[str], Path]
+) -> None:
+    """`show NAME` prints host, user, pid, versions, git commit, backend, workers and code match."""
+    script = write_script(SCRIPT)
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "exp.py")
+    git(tmp_path, "commit", "-q", "-m", "experiment")
+    head = git(tmp_path, "rev-parse", "HEAD")
+    proc = run_script(script, "run", "--max-workers", "2", "--progress=False")
+    assert proc.returncode == 0, proc.stderr
+    data = state(tmp_path)
+    ((session_id, session),) = data["sessions"].items()
+    assert session["end_time"] >= session["start_time"]
+    assert session["pid"] != os.getpid()
+    assert (session["backend"], session["max_workers"]) == ("loky", 2)
+    assert session["git"] == {"commit": head, "dirty": False}
+    record = data["configs"]["x=1"]
+    assert record["session"] == session_id
+    assert record["fingerprint"] == session["fingerprint"]
+
+    shown = run_script(script, "show", "x=1")
+    assert shown.returncode == 0, shown.stderr
+    printed = yaml.safe_load(shown.stdout)
+    assert printed["provenance"] == {
+        "session": session_id,
+        **{k: session[k] for k in ("start_time", "end_time", "host", "user", "pid")},
+        "git_commit": head,
+        "git_dirty": False,
+        "backend": "loky",
+        "max_workers": 2,
+        "source": str(script),
+        "versions": session["versions"],
+    }
+    assert printed["provenance"]["versions"]["resweep"] == resweep.__version__
+    assert printed["code"] == "matches the current code"
+
+
+def test_status_detects_a_changed_function_and_rerun_changed_reruns_exactly_those(
+    tmp_path: Path, write_script: Callable[[str], Path]
+) -> None:
+    """After an edit to the function, status counts the stale configs and --rerun-changed redoes them."""
+    script = write_script(SCRIPT)
+    args = ("--backend", "sequential", "--progress=False")
+    assert run_script(script, "run", *args).returncode == 0
+    assert calls(tmp_path) == [0, 1, 2]
+    assert "warning" not in run_script(script, "status").stdout
+
+    # New code for the function, and one more config that the new code produces.
+    text = script.read_text()
+    text = text.replace("config.x * 1", "config.x * 2").replace("x=[0, 1, 2]", "x=[0, 1, 2, 3]")
+    script.write_text(text)
+    assert run_script(script, "run", *args).returncode == 0
+    assert calls(tmp_path) == [0, 1, 2, 3]
+    new_record = state(tmp_path)["configs"]["x=3"]
+
+    status = run_script(script, "status")
+    assert "warning: 3 done configs were produced by code that differs" in status.stdout
+    assert "3 by a different function" in status.stdout
+    assert "run --rerun-changed" in status.stdout
+    payload = json.loads(run_script(script, "status", "--json").stdout)
+    assert payload["changed"] == 3 and "--rerun-changed" in payload["warnings"][0]
+    shown = yaml.safe_load(run_script(script, "show", "x=0").stdout)
+    assert shown["code"] == f"differs, {provenance.FUNCTION_CHANGED}"
+
+    dry = run_script(script, "run", "--dry-run", "--rerun-changed")
+    assert [line.split() for line in dry.stdout.splitlines()[1:]] == [
+        ["changed", "x=0"], ["changed", "x=1"], ["changed", "x=2"],
+    ]  # fmt: skip
+
+    assert run_script(script, "run", "--rerun-changed", *args).returncode == 0
+    assert calls(tmp_path) == [0, 1, 2, 3, 0, 1, 2]
+    data = state(tmp_path)
+    assert [data["configs"][f"x={x}"]["result"]["y"] for x in range(4)] == [0, 2, 4, 6]
+    assert data["configs"]["x=3"] == new_record
+    assert len(data["sessions"]) == 3
+    assert "warning" not in run_script(script, "status").stdout
+
+    # A change elsewhere in the module is reported as such.
+    script.write_text(script.read_text() + "\n# a comment\n")
+    status = run_script(script, "status")
+    assert "4 done configs" in status.stdout
+    assert "4 by other changes to its module" in status.stdout
+
+
+def test_a_recovered_config_keeps_its_session_and_fingerprint(tmp_path: Path) -> None:
+    """A config whose result was written but never recorded (a crash) gets both back."""
+    experiment = resweep.Experiment(
+        function=square, configs=resweep.grid(Config, model=["a"], lr=[0.1]), output_dir=tmp_path
+    )
+    experiment.run(backend="sequential", progress=False)
+    store = Store(tmp_path)
+    crashed = store.read()
+    (record,) = crashed.configs.values()
+    expected = {"session": record["session"], "fingerprint": record["fingerprint"]}
+    record.update(status="running", session=None, fingerprint=None)
+    store.save(crashed)
+    experiment.run(backend="sequential", progress=False)
+    (record,) = store.read().configs.values()
+    assert record["status"] == "done"
+    assert {k: record[k] for k in expected} == expected
