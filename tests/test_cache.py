@@ -46,11 +46,15 @@ def calls(tmp_path: Path) -> Any:
     CALLS.remove(path)
 
 
+_ask_lock = threading.Lock()
+
+
 @resweep.cached
 def ask(prompt: str, temperature: float = 0.0) -> str:
     """A non-deterministic model call: every real call gives a new answer."""
-    record_call(f"ask {prompt} {temperature}")
-    return f"{prompt}#{len(real_calls(CALLS[-1]))}"
+    with _ask_lock:  # threads of one process must not count the same call twice
+        record_call(f"ask {prompt} {temperature}")
+        return f"{prompt}#{len(real_calls(CALLS[-1]))}"
 
 
 @dataclasses.dataclass(frozen=True)

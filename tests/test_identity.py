@@ -1,0 +1,262 @@
+"""Identity and names: canonical form, default names, unsafe and duplicate names."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import resweep
+from conftest import Config, square
+from resweep import identity
+from resweep.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Inner:
+    depth: int = 2
+    width: int = 8
+
+
+@dataclass(frozen=True)
+class Outer:
+    lr: float
+    inner: Inner = field(default_factory=Inner)
+
+
+@dataclass(frozen=True)
+class Loose:
+    value: Any
+
+
+@dataclass(frozen=True)
+class Counted:
+    n: int
+
+
+class Color(enum.Enum):
+    RED = "red"
+
+
+def test_canonical_sorts_keys_and_leaves_defaults_out() -> None:
+    """The identity is plain sorted data without fields at their default."""
+    assert identity.canonical(Config(model="a", lr=0.1)) == {"lr": 0.1, "model": "a"}
+    assert list(identity.canonical(Config(model="a", lr=0.1, seed=3))) == ["lr", "model", "seed"]
+    assert identity.canonical({"b": {"z": 1, "a": 2}, "a": 1}) == {"a": 1, "b": {"a": 2, "z": 1}}
+
+
+def test_canonical_keep_defaults_lists_every_field() -> None:
+    """The params a person reads keep every field, nested dataclasses included."""
+    full = identity.canonical(Outer(lr=1, inner=Inner(depth=5)), keep_defaults=True)
+    assert full == {"inner": {"depth": 5, "width": 8}, "lr": 1.0}
+    assert identity.canonical(Outer(lr=1, inner=Inner(depth=5))) == {
+        "inner": {"depth": 5},
+        "lr": 1.0,
+    }
+
+
+def test_adding_a_field_with_a_default_keeps_identity() -> None:
+    """A config class that grows a defaulted field gives old configs the same name."""
+
+    @dataclass(frozen=True)
+    class Before:
+        model: str
+        lr: float
+
+    @dataclass(frozen=True)
+    class After:
+        model: str
+        lr: float
+        dropout: float = 0.0
+        tags: tuple[str, ...] = ()
+
+    old, new = Before("a", 0.1), After("a", 0.1)
+    assert identity.canonical(old) == identity.canonical(new)
+    assert identity.default_name(identity.canonical(old)) == identity.default_name(
+        identity.canonical(new)
+    )
+    assert identity.canonical(After("a", 0.1, dropout=0.5)) != identity.canonical(old)
+
+
+def test_int_and_float_same_where_the_field_is_float() -> None:
+    """1 and 1.0 are one config for a float field, two for an int field or an untyped value."""
+    assert identity.canonical(Config("a", 1)) == identity.canonical(Config("a", 1.0))
+    assert type(identity.canonical(Config("a", 1))["lr"]) is float
+    digest = identity.config_hash
+    assert digest(identity.canonical(Loose(1))) != digest(identity.canonical(Loose(1.0)))
+    assert digest(identity.canonical({"x": 1})) != digest(identity.canonical({"x": 1.0}))
+    assert digest(identity.canonical(Loose(True))) != digest(identity.canonical(Loose(1)))
+    assert identity.canonical(Counted(3)) == {"n": 3}
+
+
+def test_names_of_one_and_one_point_zero_differ() -> None:
+    """Untyped 1 and 1.0 and "1" get three different names."""
+    names = {identity.default_name(identity.canonical({"x": v})) for v in (1, 1.0, "1")}
+    assert len(names) == 3
+
+
+def test_default_name_is_readable_when_short() -> None:
+    """A short config is named by its sorted key=value pairs."""
+    assert identity.default_name(identity.canonical(Config("a", 0.1))) == "lr=0.1,model=a"
+    assert identity.default_name(identity.canonical(Config("a", 1e-05, 2))) == (
+        "lr=1e-05,model=a,seed=2"
+    )
+    assert identity.default_name({"opt": {"lr": 0.1}}) == "opt.lr=0.1"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"model": "x" * 70},
+        {"prompt": "a b"},
+        {"flag": "true"},
+        {"n": "1e5"},
+        {"path": "a/b"},
+        {"items": [1, 2]},
+    ],
+    ids=["long", "space", "keyword", "numeric-string", "slash", "list"],
+)
+def test_default_name_is_a_hash_when_not_readable(params: dict[str, Any]) -> None:
+    """Long or ambiguous values give a 12-hex-digit hash of the canonical form."""
+    name = identity.default_name(params)
+    assert len(name) == 12
+    assert all(c in "0123456789abcdef" for c in name)
+    assert name == identity.config_hash(params)
+
+
+def test_hash_is_the_same_on_every_machine() -> None:
+    """The hash is fixed by the canonical form, not by this process (no hash() salt)."""
+    params = {"prompt": "2+2 ?", "seed": 1}
+    assert identity.config_hash(params) == "83ebe3032670"
+    code = (
+        "from resweep import identity; print(identity.config_hash({'seed': 1, 'prompt': '2+2 ?'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "123"},
+    )
+    assert out.stdout.strip() == "83ebe3032670"
+
+
+def test_enum_and_nested_dataclass_values_are_plain_data() -> None:
+    """Enums become their value and nested dataclasses become dicts."""
+    assert identity.canonical({"c": Color.RED}) == {"c": "red"}
+    assert identity.canonical({"o": Outer(0.5)}) == {"o": {"lr": 0.5}}
+
+
+@pytest.mark.parametrize("bad", [{1: "a"}, {"x": {2: "b"}}, {"x": object()}, {"x": {1, 2}}])
+def test_unusable_config_values_are_rejected(bad: dict[Any, Any]) -> None:
+    """Non-string keys and values that are not YAML-safe are a ConfigError."""
+    with pytest.raises(ConfigError):
+        identity.canonical(bad)
+
+
+def test_config_that_is_neither_dataclass_nor_dict_is_rejected() -> None:
+    """A list or a class as a config is a ConfigError."""
+    with pytest.raises(ConfigError, match="dataclass instances or dicts"):
+        identity.name_configs([[1, 2]])
+    with pytest.raises(ConfigError):
+        identity.name_configs([Config])
+
+
+def test_unsafe_names_are_rejected_before_anything_runs(tmp_path: Path, unsafe_name: str) -> None:
+    """A config_naming that returns an unsafe name fails the run and writes nothing."""
+    out = tmp_path / "out"
+    experiment = resweep.Experiment(
+        function=square,
+        configs=[Config("a", 0.1), Config("b", 0.2)],
+        output_dir=out,
+        config_naming=lambda c: unsafe_name if c.model == "b" else "fine",
+    )
+    with pytest.raises(ConfigError, match="config #1"):
+        experiment.run(backend="sequential", progress=False)
+    assert not out.exists()
+
+
+def test_odd_but_safe_names_are_kept_exactly(tmp_path: Path, odd_safe_name: str) -> None:
+    """Quotes, shell syntax and unicode in a name end up as that exact directory name."""
+    experiment = resweep.Experiment(
+        function=square,
+        configs=[Config("a", 0.1)],
+        output_dir=tmp_path / "out",
+        config_naming=lambda c: odd_safe_name,
+    )
+    report = experiment.run(backend="sequential", progress=False)
+    assert report.done == 1
+    assert [p.name for p in (tmp_path / "out" / "configs").iterdir()] == [odd_safe_name]
+    assert list(experiment.read_state().configs) == [odd_safe_name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [(["same", "same"], "clashes|twice"), (["Case", "case"], "clashes with 'Case'")],
+    ids=["duplicate", "case-only"],
+)
+def test_duplicate_names_are_rejected_before_anything_runs(
+    tmp_path: Path, names: list[str], message: str
+) -> None:
+    """Two configs with one name (or names equal but for case) fail before any file is written."""
+    it = iter(names)
+    out = tmp_path / "out"
+    experiment = resweep.Experiment(
+        function=square,
+        configs=[Config("a", 0.1), Config("b", 0.2)],
+        output_dir=out,
+        config_naming=lambda c: next(it),
+    )
+    with pytest.raises(ConfigError, match=message):
+        experiment.run(backend="sequential", progress=False)
+    assert not out.exists()
+
+
+def test_the_same_config_twice_is_rejected(tmp_path: Path) -> None:
+    """Listing one config twice is a ConfigError that says so."""
+    experiment = resweep.Experiment(
+        function=square, configs=[Config("a", 0.1), Config("a", 0.1)], output_dir=tmp_path / "o"
+    )
+    with pytest.raises(ConfigError, match="the same config twice"):
+        experiment.run(backend="sequential", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_naming_must_return_a_string() -> None:
+    """A config_naming that returns a number is a ConfigError, not a silent str()."""
+    with pytest.raises(ConfigError, match="not a str"):
+        identity.name_configs([Config("a", 0.1)], lambda c: 123)  # type: ignore[arg-type,return-value]
+
+
+def test_name_configs_keeps_order_and_full_params() -> None:
+    """name_configs maps each name to the config and its params with defaults kept."""
+    configs = [Config("b", 0.2), Config("a", 0.1, seed=1)]
+    named = identity.name_configs(configs)
+    assert list(named) == ["lr=0.2,model=b", "lr=0.1,model=a,seed=1"]
+    assert named["lr=0.2,model=b"] == (configs[0], {"lr": 0.2, "model": "b", "seed": 0})
+    assert dataclasses.is_dataclass(named["lr=0.1,model=a,seed=1"][0])
+
+
+def test_bad_names_leave_an_existing_experiment_untouched(tmp_path: Path) -> None:
+    """A later run whose names clash changes no byte of the experiment already on disk."""
+    out = tmp_path / "out"
+    good = resweep.Experiment(function=square, configs=[Config("a", 0.1)], output_dir=out)
+    good.run(backend="sequential", progress=False)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    bad = resweep.Experiment(
+        function=square,
+        configs=[Config("a", 0.1), Config("A", 0.1)],
+        output_dir=out,
+        config_naming=lambda c: c.model,
+    )
+    with pytest.raises(ConfigError, match="clashes"):
+        bad.run(backend="sequential", progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -1,0 +1,318 @@
+"""The state file: round trips, the golden file, validation, journal, lock."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import resweep
+from conftest import Config
+from resweep import store
+from resweep.errors import LockedError, StateError
+from resweep.store import State, Store
+
+GOLDEN = Path(__file__).parent / "data" / "state_v1.yaml"
+
+# Values that trip up naive JSON-as-YAML writers: exponents, non-finite floats, unicode,
+# strings that YAML 1.1 would read as numbers, booleans or null.
+TRICKY_VALUES: list[Any] = [
+    1e-05,
+    -2.5e-300,
+    1e20,
+    1e16,
+    0.1,
+    -0.0,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    2**70,
+    -7,
+    True,
+    None,
+    "",
+    "héllo wörld",
+    "emoji 🎉 and \U0001d518",
+    "日本語",
+    "1",
+    "1.0",
+    "1e5",
+    "0x10",
+    "0o17",
+    "1_000",
+    "true",
+    "yes",
+    "no",
+    "on",
+    "null",
+    "~",
+    ".inf",
+    ".nan",
+    "2001-12-14",
+    "12:30:00",
+    "a: b",
+    "- x",
+    "# not a comment",
+    "line\nbreak",
+    "tab\there",
+    "quote ' and \" both",
+    "back\\slash",
+    "\x00nul\x7f",
+    "\u2028sep",
+    {"nested": {"deep": [1, 2.0, "3", None, {"k": 1e-07}]}},
+    [],
+    {},
+    [[], {}],
+]
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equality that treats NaN as equal to itself and keeps int, float and bool apart."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or (
+            a == b and math.copysign(1, a) == math.copysign(1, b)
+        )
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+@pytest.mark.parametrize("value", TRICKY_VALUES, ids=repr)
+def test_flow_encoding_reads_back_the_same_with_json_and_yaml(value: Any) -> None:
+    """One encoded line reads back as the same value through decode_flow and yaml.safe_load."""
+    text = store.encode_flow(value)
+    assert "\n" not in text
+    assert same(store.decode_flow(text), value)
+    assert same(yaml.safe_load(text), value)
+
+
+def _tricky_state() -> State:
+    configs: dict[str, dict[str, Any]] = {}
+    for i, value in enumerate(TRICKY_VALUES):
+        name = f"c{i}" if i % 3 else f"名前 🎉 {i}"
+        configs[name] = {
+            "params": {"value": value, "i": i},
+            "status": store.STATUSES[i % 4],
+            "attempts": i,
+            "start_time": "2024-01-01T00:00:00.000+00:00",
+            "end_time": None,
+            "result": {"echo": value},
+        }
+    return State(name="tricky: 🎉", description="1e-05", configs=configs, journal_seq=17)
+
+
+def test_state_round_trip_equals_yaml_safe_load(tmp_path: Path) -> None:
+    """dump_state then parse_state gives the same state, and so does plain yaml.safe_load."""
+    state = _tricky_state()
+    text = store.dump_state(state)
+    parsed = store.parse_state(text, tmp_path / "experiment.yaml")
+    assert parsed.name == state.name
+    assert parsed.description == "1e-05"
+    assert parsed.journal_seq == 17
+    assert same(parsed.configs, state.configs)
+    loaded = yaml.safe_load(text)
+    assert loaded["format_version"] == store.FORMAT_VERSION
+    assert same(loaded["configs"], state.configs)
+
+
+def test_store_save_and_read_round_trip(tmp_path: Path) -> None:
+    """A state saved atomically reads back the same and leaves no temporary file."""
+    target = Store(tmp_path / "exp")
+    target.ensure_dir()
+    state = _tricky_state()
+    for record in state.configs.values():
+        # A reader settles configs left running by a run that is gone; that is tested elsewhere.
+        record["status"] = "done" if record["status"] == "running" else record["status"]
+    target.save(state)
+    assert same(target.read().configs, state.configs)
+    assert sorted(p.name for p in target.root.iterdir()) == ["configs", "experiment.yaml"]
+
+
+def test_golden_state_file_is_still_read(tmp_path: Path) -> None:
+    """A state file written by resweep 0.1.0 reads with the values it was written with."""
+    shutil.copy(GOLDEN, tmp_path / "experiment.yaml")
+    state = Store(tmp_path).read()
+    assert state.name == "golden"
+    assert state.description == "State written by resweep 0.1.0: done, failed and todo configs."
+    assert state.format_version == 1
+    assert state.counts() == {"todo": 1, "running": 0, "done": 2, "failed": 1}
+    done = state.configs["lr=0.1,model=a"]
+    assert done["params"] == {"lr": 0.1, "model": "a", "seed": 0}
+    assert done["attempts"] == 1
+    assert done["result"] == {
+        "accuracy": 0.5,
+        "nested": {"k": 1e-05, "list": [1, 2.5, "x"]},
+        "ok": True,
+        "none": None,
+    }
+    failed = state.configs["lr=0.01,model=b,seed=1"]
+    assert failed["status"] == "failed"
+    assert failed["error"] == "ValueError: boom: lr too small"
+    odd = state.configs["lr=2.0,model=c"]["result"]
+    assert math.isnan(odd["loss"])
+    assert odd["best"] == math.inf
+    assert odd["code"] == "1"
+    assert odd["text"] == "ünï 🎉"
+    assert odd["tiny"] == 1e-05
+    todo = state.configs["aad84ccb81b5"]
+    assert todo["status"] == "todo"
+    assert todo["params"]["model"] == "naïve 🎉"
+    assert same(yaml.safe_load(GOLDEN.read_text(encoding="utf-8"))["configs"], state.configs)
+
+
+def _golden_work(config: Config) -> dict[str, Any]:
+    return {"ran": config.model}
+
+
+def test_golden_state_resumes_with_the_same_names(tmp_path: Path) -> None:
+    """Today's code names the golden configs as 0.1.0 did, so a run only does what was left."""
+    shutil.copy(GOLDEN, tmp_path / "experiment.yaml")
+    experiment = resweep.Experiment(
+        function=_golden_work,
+        configs=[
+            Config("a", 0.1),
+            Config("b", 0.01, seed=1),
+            Config("c", 2.0),
+            Config("naïve 🎉", 1e-05),
+        ],
+        output_dir=tmp_path,
+    )
+    report = experiment.run(backend="sequential", progress=False)
+    assert (report.executed, report.done, report.failed) == (1, 3, 1)
+    state = experiment.read_state()
+    assert len(state.configs) == 4
+    assert state.configs["aad84ccb81b5"]["result"] == {"ran": "naïve 🎉"}
+    assert state.configs["lr=0.1,model=a"]["result"]["accuracy"] == 0.5
+
+
+def test_newer_format_version_is_a_state_error(tmp_path: Path) -> None:
+    """A state file from a newer resweep is refused with a message saying to upgrade."""
+    text = GOLDEN.read_text(encoding="utf-8").replace("format_version: 1", "format_version: 2")
+    with pytest.raises(StateError, match=r"format_version 2.*upgrade resweep"):
+        store.parse_state(text, tmp_path / "experiment.yaml")
+
+
+def test_unknown_status_is_a_state_error(tmp_path: Path) -> None:
+    """A status that is not todo, running, done or failed is a StateError naming the config."""
+    text = GOLDEN.read_text(encoding="utf-8").replace('"status": "failed"', '"status": "broken"')
+    with pytest.raises(StateError, match=r"'lr=0.01,model=b,seed=1' has unknown status 'broken'"):
+        store.parse_state(text, tmp_path / "experiment.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("configs: [unclosed\n", "not valid YAML"),
+        ("- a list\n", "no mapping at the top"),
+        ("format_version: 1\nconfigs: [1, 2]\n", "must be a mapping"),
+        ("configs:\n  x: 3\n", "must be a mapping with params"),
+        ("configs:\n  x: {status: done, attempts: -1}\n", "attempts -1"),
+        ("configs:\n  x: {status: done, params: [1]}\n", "params that are not a mapping"),
+        ("name: 5\nconfigs: {}\n", "'name' must be a string"),
+    ],
+    ids=["yaml", "list", "configs-list", "record-scalar", "attempts", "params", "name"],
+)
+def test_malformed_state_is_a_state_error(tmp_path: Path, text: str, message: str) -> None:
+    """A broken state file is a StateError that says what is wrong, never a crash."""
+    with pytest.raises(StateError, match=message):
+        store.parse_state(text, tmp_path / "experiment.yaml")
+
+
+def test_hand_edit_in_block_style_is_read(tmp_path: Path) -> None:
+    """A person who rewrites the file in ordinary block YAML still gets it read."""
+    text = (
+        "format_version: 1\nname: hand\nconfigs:\n  one:\n    params: {x: 1}\n"
+        "    status: failed\n    attempts: 2\n"
+    )
+    state = store.parse_state(text, tmp_path / "experiment.yaml")
+    assert state.name == "hand"
+    assert state.configs == {"one": {"params": {"x": 1}, "status": "failed", "attempts": 2}}
+
+
+def test_missing_state_says_no_experiment_yet(tmp_path: Path) -> None:
+    """Reading a directory without a state file says there is no experiment yet."""
+    with pytest.raises(StateError, match="no experiment"):
+        Store(tmp_path / "nothing").read()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StateError, match="is a file"):
+        Store(tmp_path / "file").read()
+
+
+def test_journal_entries_apply_on_top_and_a_torn_line_is_skipped(tmp_path: Path) -> None:
+    """Journal entries newer than the state win; a half-written last line is ignored."""
+    target = Store(tmp_path)
+    target.ensure_dir()
+    state = State(configs={"a": {"params": {}, "status": "todo", "attempts": 0}}, journal_seq=3)
+    target.save(state)
+    lines = [
+        store.encode_flow([3, "a", {"status": "failed"}]),  # already folded in: ignored
+        store.encode_flow([4, "a", {"status": "running", "attempts": 1}]),
+        store.encode_flow([5, "a", {"status": "done", "result": {"x": 1e-05}}]),
+        '[6, "a", {"status": "fai',
+    ]
+    target.journal_path.write_text("\n".join(lines), encoding="utf-8")
+    record = target.read().configs["a"]
+    assert record == {"params": {}, "status": "done", "attempts": 1, "result": {"x": 1e-05}}
+
+
+def test_recorder_makes_changes_durable_in_the_journal(tmp_path: Path) -> None:
+    """A recorded change is readable from disk after a synced write, before any compaction."""
+    target = Store(tmp_path)
+    target.ensure_dir()
+    state = State(configs={"a": {"params": {}, "status": "todo", "attempts": 0}})
+    target.save(state)
+    recorder = store.Recorder(target, state)
+    recorder.update("a", {"status": "done", "result": {"v": float("nan")}})
+    recorder.write(sync=True)
+    assert target.read().configs["a"]["status"] == "done"
+    recorder.close()
+    assert not target.journal_path.exists()
+    assert math.isnan(yaml.safe_load(target.state_path.read_text())["configs"]["a"]["result"]["v"])
+
+
+def test_result_file_round_trip(tmp_path: Path) -> None:
+    """result.yaml keeps the result and its meta line, and plain YAML reads the result."""
+    result = {"loss": float("inf"), "name": "ü 🎉", "tiny": 1e-05}
+    store.write_result(tmp_path, result, {"attempt": 3})
+    found = store.read_result(tmp_path)
+    assert found is not None
+    assert same(found[0], result)
+    assert found[1] == {"attempt": 3}
+    assert same(yaml.safe_load((tmp_path / "result.yaml").read_text(encoding="utf-8")), result)
+    assert store.read_result(tmp_path / "missing") is None
+
+
+def test_second_lock_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    """While one run holds the directory, another is refused with its host and pid."""
+    target = Store(tmp_path)
+    target.ensure_dir()
+    with target.lock() as info:
+        assert info.pid == os.getpid()
+        active = target.active_run()
+        assert active is not None and active.pid == os.getpid()
+        holder = rf"pid {os.getpid()} on host {socket.gethostname()}"
+        with pytest.raises(LockedError, match=holder), Store(tmp_path).lock():
+            pass
+    assert target.active_run() is None
+    with Store(tmp_path).lock():
+        pass
+
+
+def test_write_atomic_replaces_whole_file(tmp_path: Path) -> None:
+    """An atomic write replaces the file and leaves no temporary file behind."""
+    path = tmp_path / "f.json"
+    store.write_atomic(path, json.dumps({"v": 1}))
+    store.write_atomic(path, json.dumps({"v": 2}))
+    assert json.loads(path.read_text()) == {"v": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
