@@ -145,6 +145,42 @@ def drop(output_dir: str | os.PathLike[str], names: list[str]) -> None:
         handle.evict(name, retry=True)
 
 
+def close_cache(output_dir: str | os.PathLike[str]) -> None:
+    """Close this process's handle on <output_dir>/cache, if it has one."""
+    directory = os.path.abspath(os.path.join(os.fspath(output_dir), CACHE_DIR))
+    with _open_lock:
+        handle = _open_caches.pop((os.getpid(), directory), None)
+    if handle is not None:
+        handle.close()
+
+
+def recorded(handle: Any, config: str) -> list[tuple[str, bytes]]:
+    """Every call recorded for one config, as (key, pickled answer), in key order."""
+    # diskcache has no public lookup by tag; its tag column is indexed (tag_index=True).
+    rows = handle._sql("SELECT key FROM Cache WHERE tag = ? AND raw = 1", (config,)).fetchall()
+    entries = []
+    for (key,) in sorted(rows):
+        blob = handle.get(key, default=_MISSING, retry=True)
+        if blob is not _MISSING:
+            entries.append((key, blob))
+    return entries
+
+
+def tags(handle: Any) -> set[str]:
+    """The configs that have recorded calls in this cache."""
+    rows = handle._sql("SELECT DISTINCT tag FROM Cache WHERE tag IS NOT NULL").fetchall()
+    return {tag for (tag,) in rows if isinstance(tag, str)}
+
+
+def record(handle: Any, config: str, entries: list[tuple[str, bytes]]) -> None:
+    """Store calls recorded elsewhere (on a Dask worker) as config's own."""
+    if not entries:
+        return
+    with handle.transact(retry=True):
+        for key, blob in entries:
+            handle.set(key, blob, tag=config, retry=True)
+
+
 # -- keys ------------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import yaml
 from resweep import provenance
 from resweep.errors import CacheMiss, ResweepError
 from resweep.experiment import lookup
+from resweep.store import WORKERS_DIR, read_markers
 
 if TYPE_CHECKING:
     from resweep.experiment import Experiment
@@ -131,6 +132,15 @@ class CLI:
         counts = state.counts()
         running = {n: r for n, r in state.configs.items() if r["status"] == "running"}
         active = store.active_run()
+        # With worker processes, a config handed to a busy worker is queued, not running yet.
+        markers = store.root / WORKERS_DIR
+        queued: set[str] = set()
+        if running and active is not None and markers.is_dir():
+            executing = read_markers(markers)
+            queued = {n for n in running if n not in executing}
+            for name in running.keys() - queued:
+                started = datetime.datetime.fromtimestamp(executing[name][1]).astimezone()
+                running[name] = {**running[name], "start_time": started.isoformat()}
         # Configs a dead run left running, read as the next run will settle them.
         left = store.left_running
         failures = {n: r.get("error") for n, r in state.configs.items() if r["status"] == "failed"}
@@ -145,7 +155,8 @@ class CLI:
                 "name": state.name,
                 "counts": counts,
                 "total": len(state.configs),
-                "running": {n: r.get("start_time") for n, r in running.items()},
+                "running": {n: r.get("start_time") for n, r in running.items() if n not in queued},
+                "queued": sorted(queued),
                 "active_run": active.__dict__ if active else None,
                 "left_running": {n: state.configs[n]["status"] for n in left},
                 "cache": {"hits": hits, "misses": misses},
@@ -175,7 +186,10 @@ class CLI:
             else:
                 print(f"running now ({active.describe()}):")
                 for name, record in running.items():
-                    print(f"  {name}  {_elapsed(record.get('start_time'))}")
+                    if name not in queued:
+                        print(f"  {name}  {_elapsed(record.get('start_time'))}")
+                if queued:
+                    print(f"{len(queued)} more handed to busy workers, not started yet")
         if failed:
             for name, error in failures.items():
                 print(f"  {name}: {error}")

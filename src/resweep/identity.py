@@ -24,6 +24,8 @@ Params = dict[str, Any]
 
 _SAFE_TOKEN = re.compile(r"[A-Za-z0-9_.+-]+\Z")
 _SCALAR_WORDS = {"true", "false", "none", "null", "yes", "no", "on", "off", "~"}
+# Names made only of these characters, not starting with '-', pass every check of check_name.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.,=+][A-Za-z0-9_.,=+-]*\Z")
 _UNSAFE_NAME_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")
 _MISSING = dataclasses.MISSING
 
@@ -124,6 +126,54 @@ def _canon_value(value: Any, kind: type | None, where: str, keep_defaults: bool 
     )
 
 
+def _canon_pair(value: Any, kind: type | None, where: str) -> tuple[Any, Any]:
+    """_canon_value without and with keep_defaults, in one pass; shared where they agree."""
+    cls = type(value)
+    if cls is str or cls is float or cls is bool or value is None:
+        return value, value
+    if cls is int:
+        number = float(value) if kind is float else value
+        return number, number
+    if cls is not dict and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _canon_dataclass_pair(value)
+    if cls is dict or isinstance(value, Mapping):
+        ident: Params = {}
+        full: Params = {}
+        shared = True
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(
+                    f"{where}: key {k!r} is not a string; config keys must be strings"
+                )
+            cls = type(v)
+            if cls is str or cls is float or cls is int or cls is bool or v is None:
+                ident[k] = full[k] = v  # the common case, without building `where`
+                continue
+            ident[k], full[k] = _canon_pair(v, None, f"{where}.{k}")
+            shared = shared and ident[k] is full[k]
+        full = dict(sorted(full.items()))
+        return (full if shared else dict(sorted(ident.items()))), full
+    if isinstance(value, list | tuple):
+        pairs = [_canon_pair(v, None, f"{where}[{i}]") for i, v in enumerate(value)]
+        full_list = [f for _, f in pairs]
+        if all(i is f for i, f in pairs):
+            return full_list, full_list
+        return [i for i, _ in pairs], full_list
+    canon = _canon_value(value, kind, where)  # enums, numpy scalars, subclasses, errors
+    return canon, canon
+
+
+def _canon_dataclass_pair(obj: Any) -> tuple[Params, Params]:
+    ident: Params = {}
+    full: Params = {}
+    for info in _fields_of(type(obj)):
+        value, full[info.name] = _canon_pair(getattr(obj, info.name), info.kind, info.name)
+        if info.default is not _MISSING and _same(value, info.default):
+            continue  # adding a field with a default keeps every identity
+        ident[info.name] = value
+    return dict(sorted(ident.items())), dict(sorted(full.items()))
+
+
 def canonical(config: Any, *, keep_defaults: bool = False) -> Params:
     """The config as plain sorted data, defaults left out: its identity.
 
@@ -133,6 +183,19 @@ def canonical(config: Any, *, keep_defaults: bool = False) -> Params:
         return _canon_dataclass(config, keep_defaults)
     if isinstance(config, Mapping):
         return typing.cast(Params, _canon_value(config, None, "config", keep_defaults))
+    raise ConfigError(
+        f"a config is a {type(config).__name__}; configs must be dataclass instances or dicts"
+    )
+
+
+def _canonical_pair(config: Any) -> tuple[Params, Params]:
+    """canonical(config) and canonical(config, keep_defaults=True), in one pass."""
+    if type(config) is dict:
+        return typing.cast(tuple[Params, Params], _canon_pair(config, None, "config"))
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return _canon_dataclass_pair(config)
+    if isinstance(config, Mapping):
+        return typing.cast(tuple[Params, Params], _canon_pair(config, None, "config"))
     raise ConfigError(
         f"a config is a {type(config).__name__}; configs must be dataclass instances or dicts"
     )
@@ -173,24 +236,59 @@ def _token(value: Any) -> str | None:
     return None
 
 
+_SAFE_KEYS: set[str] = set()
+# Tokens of the strings seen lately: a grid repeats the same few values many times.
+_STRING_TOKENS: dict[str, str | None] = {}
+_STRING_TOKENS_MAX = 4096
+
+
+def _fast_token(value: Any) -> str | None:
+    """_token, with the common types first and string tokens remembered."""
+    cls = type(value)
+    if cls is int or cls is float or cls is bool or value is None:
+        return repr(value)  # a repr of these is always made of safe characters
+    if cls is str:
+        if value in _STRING_TOKENS:
+            return _STRING_TOKENS[value]
+        if len(_STRING_TOKENS) >= _STRING_TOKENS_MAX:
+            _STRING_TOKENS.clear()
+        token = _STRING_TOKENS[value] = _token(value)
+        return token
+    return _token(value)
+
+
 def default_name(params: Params) -> str:
     """Readable key=value pairs when short and unambiguous, else a hash of the canonical form."""
     parts = []
+    length = -1
     for key, value in _flatten(params):
-        token = _token(value)
-        if token is None or not _SAFE_TOKEN.match(key):
+        token = _fast_token(value)
+        if token is None:
             return config_hash(params)
-        parts.append(f"{key}={token}")
-    name = ",".join(parts)
-    if not name or len(name) > MAX_READABLE_NAME_CHARS:
+        if key not in _SAFE_KEYS:
+            if not _SAFE_TOKEN.match(key):
+                return config_hash(params)
+            if len(_SAFE_KEYS) < _STRING_TOKENS_MAX:
+                _SAFE_KEYS.add(key)
+        part = f"{key}={token}"
+        length += len(part) + 1
+        parts.append(part)
+    if not parts or length > MAX_READABLE_NAME_CHARS:
         return config_hash(params)
-    return name
+    return ",".join(parts)
+
+
+def _plain_name(name: str) -> bool:
+    """Whether name is made of characters and a length that no check below objects to."""
+    return len(name) <= MAX_NAME_CHARS and bool(_PLAIN_NAME.match(name)) and name not in (".", "..")
 
 
 def check_name(name: object, where: str) -> str:
     """The name itself when it is safe as a directory name, else a ConfigError."""
     if not isinstance(name, str):
         raise ConfigError(f"{where}: config_naming returned {type(name).__name__}, not a str")
+    if _plain_name(name):
+        return name  # every default name: nothing below can object
     problem = None
     if not name or name.strip() != name:
         problem = "is empty or has leading or trailing spaces"
@@ -216,11 +314,12 @@ def name_configs(
     folded: dict[str, str] = {}
     for index, config in enumerate(configs):
         try:
-            params = canonical(config)
-            full = canonical(config, keep_defaults=True)
+            params, full = _canonical_pair(config)
         except ConfigError as error:
             raise ConfigError(f"config #{index}: {error}") from None
-        name = check_name(naming(config) if naming else default_name(params), f"config #{index}")
+        name = naming(config) if naming else default_name(params)
+        if not (type(name) is str and _plain_name(name)):
+            check_name(name, f"config #{index}")
         # Two names differing only in case share one directory on macOS and Windows.
         clash = folded.get(name.casefold())
         if clash is not None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from resweep import cache
 from resweep.errors import ResultError, ResweepError, StorageError
@@ -30,17 +30,23 @@ from resweep.experiment import Context, Experiment, RunReport, select, takes_con
 from resweep.store import (
     EXCEPTION_FILE,
     LOG_FILE,
+    MARKER_BYTES,
     RESULT_FILE,
+    WORKERS_DIR,
     Recorder,
     State,
     Store,
     disable_crash_hook,
     now_iso,
+    read_markers,
     read_result,
     recovered_fields,
     write_atomic,
     write_result,
 )
+
+if TYPE_CHECKING:
+    from resweep.cluster import DaskPool
 
 # A batch of fast configs should keep a worker busy about this long.
 TARGET_BATCH_S = 0.1
@@ -50,10 +56,10 @@ COMPACT_EVERY_S = 10.0
 ERROR_LINE_CHARS = 500
 RUN_FAILURE_FILE = "run_failure.txt"
 # Where each worker process says which config it is running (pool-break forensics, timeouts).
-WORKERS_DIR = ".workers"
-_MARKER_BYTES = 1024
 # How often the coordinator looks for configs that outlived timeout_s.
 TIMEOUT_POLL_S = 0.1
+# Dask: configs out on the cluster per worker thread (running or queued at the scheduler).
+DASK_QUEUED_PER_THREAD = 8
 # Pool breaks in a row that no config explains before the run gives up.
 MAX_UNEXPLAINED_BREAKS = 3
 # Errors that mean the disk, not the code, failed: the run stops cleanly, exit status 2.
@@ -122,7 +128,7 @@ class Outcome:
 
 # -- worker side ---------------------------------------------------------------------------
 
-_current_log: contextvars.ContextVar[_LazyLog | None] = contextvars.ContextVar(
+_current_log: contextvars.ContextVar[io.TextIOBase | None] = contextvars.ContextVar(
     "resweep_log", default=None
 )
 
@@ -212,26 +218,8 @@ _marker_fd: int | None = None
 def _mark(name: str) -> None:
     """Tell the coordinator which config this worker process runs now ('' for none)."""
     if _marker_fd is not None:
-        record = f"{time.time():.3f} {name}".encode()[:_MARKER_BYTES]
-        os.pwrite(_marker_fd, record.ljust(_MARKER_BYTES), 0)
-
-
-def read_markers(markers_dir: Path) -> dict[str, tuple[int, float]]:
-    """The configs that worker processes were running: name -> (pid, start time)."""
-    running = {}
-    try:
-        entries = list(os.scandir(markers_dir))
-    except FileNotFoundError:
-        return {}
-    for entry in entries:
-        try:
-            with open(entry.path, "rb") as handle:
-                stamp, _, name = handle.read(_MARKER_BYTES).decode().strip().partition(" ")
-            running[name] = (int(entry.name), float(stamp))
-        except (OSError, ValueError):
-            continue
-    running.pop("", None)
-    return running
+        record = f"{time.time():.3f} {name}".encode()[:MARKER_BYTES]
+        os.pwrite(_marker_fd, record.ljust(MARKER_BYTES), 0)
 
 
 def _prepare(payload: tuple[str, Any]) -> Job:
@@ -300,10 +288,15 @@ def execute(job: Job, task: Task, setup_error: str | None = None) -> Outcome:
     started = time.perf_counter()
     config_dir = Path(job.output_dir, "configs", task.name)
     try:
-        config_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (RESULT_FILE, EXCEPTION_FILE):
-            with contextlib.suppress(FileNotFoundError):
-                (config_dir / stale).unlink()
+        try:
+            os.mkdir(config_dir)
+        except FileExistsError:
+            # Only a directory that was there can hold files of an earlier attempt.
+            for stale in (RESULT_FILE, EXCEPTION_FILE):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(config_dir, stale))
+        except FileNotFoundError:
+            config_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return _faulted(task, start_time, exc)
     log = _LazyLog(config_dir / LOG_FILE, task.attempt)
@@ -336,7 +329,6 @@ def execute(job: Job, task: Task, setup_error: str | None = None) -> Outcome:
         error = _error_line(exc)
         trace = "".join(traceback.format_exception(exc))
     finally:
-        _mark("")
         _current_log.reset(token)
         with contextlib.suppress(OSError):
             log.close()
@@ -360,6 +352,9 @@ def execute(job: Job, task: Task, setup_error: str | None = None) -> Outcome:
         if exc.errno not in STORAGE_ERRNOS:
             raise
         return _faulted(task, start_time, exc)
+    finally:
+        # Idle only once the result is stored: a settled config is never half-done.
+        _mark("")
     return outcome
 
 
@@ -493,6 +488,17 @@ def _executor(backend: str, max_workers: int) -> Any:
     return get_reusable_executor(max_workers=max_workers)
 
 
+def _shut_down(executor: Any, *, kill: bool) -> None:
+    """Stop a pool; with kill, running configs are stopped too where the backend can."""
+    with contextlib.suppress(Exception):
+        if isinstance(executor, ThreadPoolExecutor):
+            # Threads cannot be killed: queued batches are dropped, running ones finish.
+            executor.shutdown(wait=True, cancel_futures=kill)
+        elif kill:
+            # wait=True: the workers are dead before anything is settled.
+            executor.shutdown(wait=True, kill_workers=True)
+
+
 def _death_reason(error: BaseException) -> str:
     """'worker died: SIGSEGV' from loky's report of the dead worker's exit code."""
     match = re.search(r"exit codes of the workers are \{([^}]*)\}", str(error))
@@ -518,6 +524,7 @@ class _Scheduler:
         retries: int,
         progress: bool,
         timeout_s: float | None = None,
+        pool: DaskPool | None = None,
     ) -> None:
         self.job = job
         self.pending: deque[Task] = deque(tasks)
@@ -542,7 +549,11 @@ class _Scheduler:
         self.last_compaction = time.monotonic()
         self.compaction_s = 0.0
         self.markers_dir = Path(job.markers_dir) if job.markers_dir else None
-        if backend == "loky":
+        # The Dask backend: a cluster whose size may change while the run goes on.
+        self.pool = pool
+        self.max_workers = max_workers
+        self.queue_dropped = False
+        if backend in ("loky", "dask"):
             import cloudpickle
 
             try:
@@ -555,6 +566,8 @@ class _Scheduler:
             self.payload: tuple[str, Any] = (job.token, blob)
         else:
             self.payload = (job.token, job)
+        if pool is not None:
+            pool.start(job, blob, report_starts=timeout_s is not None)
         from tqdm.auto import tqdm
 
         self.bar = tqdm(
@@ -571,7 +584,8 @@ class _Scheduler:
         self.bar.set_postfix_str(f"done={self.done} failed={self.failed}", refresh=False)
 
     def _batch_size(self) -> int:
-        if self.mean_config_s is None:
+        # On Dask each config is its own task: a lost worker re-runs only the config it ran.
+        if self.mean_config_s is None or self.pool is not None:
             return 1
         # Per-config overhead outside the function: directory, result file, journal line.
         per_config = self.mean_config_s + 50e-6
@@ -599,15 +613,28 @@ class _Scheduler:
             if not self.futures:
                 batch = [self.suspects.popleft()]
                 self._start(batch)
-                self.futures[executor.submit(run_batch, self.payload, batch)] = batch
+                self.futures[self._submit(executor, batch)] = batch
             return
-        while self.pending and len(self.futures) < 2 * self.n_workers:
+        while self.pending and len(self.futures) < self._window():
             size = self._batch_size()
             batch = [self.pending.popleft() for _ in range(min(size, len(self.pending)))]
             self._start(batch)
-            self.futures[executor.submit(run_batch, self.payload, batch)] = batch
+            self.futures[self._submit(executor, batch)] = batch
             if self.stop.requested:
                 return
+
+    def _window(self) -> int:
+        """How many batches may be out at once: one running and one queued per worker."""
+        if self.pool is not None:
+            # A Dask result crosses the network twice; more configs queued hide that delay.
+            return DASK_QUEUED_PER_THREAD * self.n_workers
+        return 2 * self.n_workers
+
+    def _submit(self, executor: Any, batch: list[Task]) -> Future[Any]:
+        if self.pool is not None:
+            return self.pool.submit(batch[0])
+        future: Future[Any] = executor.submit(run_batch, self.payload, batch)
+        return future
 
     def _finish(self, task: Task, fields: dict[str, Any], *, ok: bool) -> None:
         """Record one config's end; a failure with retries left goes back to the queue."""
@@ -715,13 +742,59 @@ class _Scheduler:
                 f"({_death_reason(error)}); check setup.per_worker and the machine's memory"
             )
 
+    def _collect(self, finished: set[Future[Any]]) -> None:
+        """Dask: record every config that came back, in one group commit."""
+        assert self.pool is not None
+        outcomes = self.pool.collect([(f, self.futures.pop(f)[0]) for f in finished])
+        if outcomes:
+            self._absorb(outcomes)
+
+    def _drop(self, future: Future[Any]) -> Task:
+        """Take a Dask task off the cluster; its config is no longer in flight."""
+        assert self.pool is not None
+        (task,) = self.futures.pop(future)
+        self.pool.cancel(future)
+        del self.in_flight[task.name]
+        return task
+
+    def _watch_pool(self) -> None:
+        """Dask: the scheduler is still there, a stop drops queued configs, overdue ones end."""
+        pool = self.pool
+        assert pool is not None
+        if not pool.alive():
+            raise pool.lost()
+        self.n_workers = max(self.max_workers, pool.slots())
+        if self.stop.requested and not self.queue_dropped:
+            # Configs no worker has started do not hold the stop up; this attempt did not happen.
+            self.queue_dropped = True
+            for future in pool.unstarted(list(self.futures)):
+                task = self._drop(future)
+                self.recorder.update(task.name, {"status": "todo", "attempts": task.attempt - 1})
+            self.recorder.write(sync=True)
+        if self.timeout_s is None:
+            return
+        by_name = {batch[0].name: future for future, batch in self.futures.items()}
+        stuck = []
+        for name, worker in pool.overdue(self.in_flight, self.timeout_s):
+            task = self._drop(by_name[name])
+            self.executed += 1
+            self.bar.update(1)
+            reason = f"timeout: ran longer than timeout_s={self.timeout_s:g}"
+            self._finish(task, {"error": reason, "end_time": now_iso()}, ok=False)
+            stuck.append(worker)
+        if stuck:
+            self.recorder.write(sync=True)
+            self._postfix()
+            # Code blocked in C cannot be interrupted: its worker process is restarted instead.
+            pool.restart(stuck)
+
     def run(self) -> None:
         from concurrent.futures.process import BrokenProcessPool
 
         executor = None
         with self.stop.installed():
             try:
-                executor = _executor(self.backend, self.n_workers)
+                executor = self.pool or _executor(self.backend, self.n_workers)
                 while not self.stop.hard:
                     self._dispatch(executor)
                     if not self.futures:
@@ -730,26 +803,30 @@ class _Scheduler:
                         list(self.futures), timeout=TIMEOUT_POLL_S, return_when=FIRST_COMPLETED
                     )
                     try:
-                        for future in finished:
-                            outcomes = future.result()
-                            del self.futures[future]
-                            self._absorb(outcomes)
+                        if self.pool is not None:
+                            self._collect(finished)
+                        else:
+                            for future in finished:
+                                outcomes = future.result()
+                                del self.futures[future]
+                                self._absorb(outcomes)
                     except BrokenProcessPool as error:
                         if self.stop.requested:
                             break  # SIGTERM reached the workers too: this is the stop
                         self._after_break(error)
                         executor = _executor(self.backend, self.n_workers)
                     self._enforce_timeouts()
+                    if self.pool is not None:
+                        self._watch_pool()
                     self._maybe_compact()
             except KeyboardInterrupt:
                 self.stop.requested = self.stop.hard = True
                 self.stop.signal_name = self.stop.signal_name or "SIGINT"
             finally:
-                if executor is not None and self.stop.hard:
-                    with contextlib.suppress(Exception):
-                        executor.shutdown(wait=False, kill_workers=True)
-                elif isinstance(executor, ThreadPoolExecutor):
-                    executor.shutdown(wait=True)
+                if executor is not None:
+                    # Work still in flight means a hard stop or an error: stop it before settling,
+                    # so that nothing finishes after it was recorded as todo.
+                    _shut_down(executor, kill=bool(self.futures) or self.stop.hard)
                 self.bar.close()
                 self._settle_in_flight()
         if self.fault is not None:
@@ -762,11 +839,15 @@ class _Scheduler:
         """Configs cut off by a stop: done if their result file made it, else todo again."""
         store = Store(self.job.output_dir)
         self.futures.clear()
+        executing = read_markers(self.markers_dir) if self.markers_dir is not None else {}
         for name, task in list(self.in_flight.items()):
             found = read_result(store.config_dir(name))
             if found is not None and found[1].get("attempt") == task.attempt:
                 self.recorder.update(name, recovered_fields(*found))
                 self.done += 1
+            elif self.markers_dir is not None and name not in executing:
+                # Queued behind a busy worker, never started: this attempt did not happen.
+                self.recorder.update(name, {"status": "todo", "attempts": task.attempt - 1})
             else:
                 self.recorder.update(name, {"status": "todo", "end_time": now_iso()})
                 self.interrupted += 1
@@ -817,9 +898,20 @@ def _changed_params(
         old, new = stored[key], params[key]
         if isinstance(old, dict) and isinstance(new, dict):
             changed += _changed_params(old, new, f"{prefix}{key}.")
-        elif old != new:
+        elif not _same_param(old, new):
             changed.append((f"{prefix}{key}", old, new))
     return changed
+
+
+def _same_param(old: Any, new: Any) -> bool:
+    """Python's equality, except that NaN equals NaN: a NaN param is still the same config."""
+    if isinstance(old, float) and isinstance(new, float) and old != old and new != new:
+        return True
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(map(_same_param, old, new))
+    if isinstance(old, dict) and isinstance(new, dict):
+        return old.keys() == new.keys() and all(_same_param(old[k], new[k]) for k in old)
+    return bool(old == new)
 
 
 @dataclass
@@ -907,8 +999,18 @@ def run_experiment(
 ) -> RunReport:
     """One run: take the lock, bring the state up to date, run what is pending, compact."""
     if backend == "dask":
-        raise ResweepError("the dask backend is not available in this version of resweep")
-    if experiment.timeout_s is not None and backend != "loky":
+        import importlib.util
+
+        if importlib.util.find_spec("distributed") is None:
+            raise ResweepError(
+                "the dask backend needs Dask, which is not installed: pip install 'resweep[dask]'"
+            )
+    elif scheduler is not None:
+        raise ResweepError(
+            f"a scheduler address is for the dask backend, not {backend!r}; "
+            "add --backend dask (backend='dask')"
+        )
+    if experiment.timeout_s is not None and backend not in ("loky", "dask"):
         warnings.warn(
             f"timeout_s is enforced by killing worker processes; backend {backend!r} runs configs "
             "in this process, so they run without a time limit",
@@ -929,6 +1031,7 @@ def run_experiment(
                 fresh=fresh,
                 progress=progress,
                 rerun_changed=rerun_changed,
+                scheduler_address=scheduler,
             )
     except OSError as error:
         if error.errno not in STORAGE_ERRNOS:
@@ -952,6 +1055,7 @@ def _run_locked(
     fresh: bool,
     progress: bool,
     rerun_changed: bool,
+    scheduler_address: str | None = None,
 ) -> RunReport:
     from resweep import provenance
 
@@ -982,10 +1086,11 @@ def _run_locked(
             cache.drop(store.root, names)
         setup = experiment.setup
         setup_value = setup.common() if setup is not None and setup.common else None
+        # The last run's markers were read when settling; this run's workers write anew.
+        shutil.rmtree(store.root / WORKERS_DIR, ignore_errors=True)
         markers_dir = None
         if backend == "loky":
             markers_dir = store.root / WORKERS_DIR
-            shutil.rmtree(markers_dir, ignore_errors=True)
             markers_dir.mkdir()
         job = Job(
             function=experiment.function,
@@ -1001,7 +1106,12 @@ def _run_locked(
             fingerprint=fingerprint,
         )
         recorder = Recorder(store, state)
+        pool = None
         try:
+            if backend == "dask":
+                from resweep.cluster import DaskPool
+
+                pool = DaskPool.connect(scheduler_address, max_workers)
             scheduler = _Scheduler(
                 job,
                 [Task(n, named[n][0]) for n in names],
@@ -1011,6 +1121,7 @@ def _run_locked(
                 retries=experiment.retries,
                 progress=progress,
                 timeout_s=experiment.timeout_s,
+                pool=pool,
             )
             with routed_output():
                 scheduler.run()
@@ -1021,6 +1132,9 @@ def _run_locked(
                 recorder.close()
             _write_run_failure(store, error)
             raise
+        finally:
+            if pool is not None:
+                pool.close()
         session_record["end_time"] = now_iso()
         recorder.close()
         if markers_dir is not None:

@@ -9,8 +9,9 @@ import os
 import re
 import socket
 import threading
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,9 @@ RESULT_FILE = "result.yaml"
 LOG_FILE = "log.txt"
 EXCEPTION_FILE = "exception.txt"
 RESULT_META_PREFIX = "# resweep: "
+# Where each worker process of a run says which config it is running now.
+WORKERS_DIR = ".workers"
+MARKER_BYTES = 1024
 
 _HEADER = (
     "# resweep experiment state, one config per line. You may edit a status by hand\n"
@@ -42,8 +46,9 @@ _YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _YAML_DUMPER: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 # Numbers such as 1e-05 that YAML 1.1 would read as strings; they get a ".0".
 _BARE_EXPONENT = re.compile(r'("(?:[^"\\]|\\.)*")|(?<![\w.])(-?\d+)([eE][-+]?\d+)')
-# Cheap test for a number token like 1e-05; a string that merely looks so costs the full pass.
-_DIGIT_EXPONENT = re.compile(r"(?:^|[ \[])-?\d+[eE]")
+# A float's repr always signs its exponent (1e-05), so text without "e-" or "e+" needs no fix;
+# a string that merely looks so costs the full pass, which leaves strings alone.
+_EXPONENT = re.compile(r"e[-+]\d")
 _SURROGATE_ESCAPE = re.compile(r"\\ud[89a-f]", re.IGNORECASE)
 
 
@@ -58,14 +63,64 @@ def _fix_exponent(match: re.Match[str]) -> str:
     return f"{match.group(2)}.0{match.group(3)}"
 
 
+def _json_encoder() -> Callable[[Any], str]:
+    """json.dumps(value, ensure_ascii=True, allow_nan=False), built once instead of per call."""
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    slow = json.JSONEncoder(ensure_ascii=True, allow_nan=False)
+    if c_make_encoder is None:
+        return slow.encode
+    chunks = c_make_encoder(
+        None, slow.default, json.encoder.encode_basestring_ascii, None, ": ", ", ",
+        False, False, False,
+    )  # fmt: skip
+
+    def encode(value: Any) -> str:
+        try:
+            return "".join(chunks(value, 0))
+        except RecursionError:  # a cycle: let the checking encoder say so
+            return slow.encode(value)
+
+    return encode
+
+
+_encode_json = _json_encoder()
+_encode_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
+
+
+def _fix_exponents(text: str) -> str:
+    """Give every bare-exponent number (1e-05) a ".0", leaving strings as they are."""
+    if '\\"' in text:  # an escaped quote: only the full pattern tells strings apart
+        return _BARE_EXPONENT.sub(_fix_exponent, text)
+    pieces = []
+    last = 0
+    for match in _EXPONENT.finditer(text):
+        at = match.start()
+        # Without escaped quotes, an odd number of quotes before means inside a string.
+        if at == 0 or not text[at - 1].isdigit() or text.count('"', 0, at) % 2:
+            continue
+        start = at - 1
+        while start > 0 and text[start - 1].isdigit():
+            start -= 1
+        if start > 0 and text[start - 1] == ".":
+            continue  # 1.5e-05 already reads as a float
+        pieces.append(text[last:at])
+        pieces.append(".0")
+        last = at
+    pieces.append(text[last:])
+    return "".join(pieces)
+
+
 def encode_flow(value: Any) -> str:
     """One-line text that json.loads and yaml.safe_load both read back as value."""
-    try:
-        text = json.dumps(value, ensure_ascii=True, allow_nan=False)
-    except ValueError:  # NaN or infinity: only YAML spells them
-        return _yaml_flow(value)
-    if _DIGIT_EXPONENT.search(text):
-        text = _BARE_EXPONENT.sub(_fix_exponent, text)
+    if type(value) is str:  # names and most values: no number inside to fix
+        text = _encode_string(value)
+    else:
+        try:
+            text = _encode_json(value)
+        except ValueError:  # NaN or infinity: only YAML spells them
+            return _yaml_flow(value)
+        if "e-" in text or "e+" in text:
+            text = _fix_exponents(text)
     if "\\ud" in text and _SURROGATE_ESCAPE.search(text):
         return _yaml_flow(value)  # YAML does not join JSON's surrogate pairs
     return text
@@ -127,6 +182,19 @@ def dump_state(state: State) -> str:
     return "".join(lines)
 
 
+def _parse_config_lines(body: str) -> dict[str, Any] | None:
+    """The config lines exactly as dump_state writes them, in one json.loads; else None."""
+    body = body.removesuffix("\n")
+    # Every line is two spaces and a quoted name: no deeper indent, comment or blank line.
+    if not body.startswith('  "') or body.count("\n") != body.count('\n  "'):
+        return None
+    try:
+        configs = json.loads("{" + body[2:].replace('\n  "', ', "') + "}")
+    except ValueError:
+        return None
+    return configs if isinstance(configs, dict) else None
+
+
 def _parse_fast(text: str) -> dict[str, Any] | None:
     """Parse the layout dump_state writes; None when a hand edit changed that layout."""
     head, sep, body = text.partition("\nconfigs:\n")
@@ -142,6 +210,10 @@ def _parse_fast(text: str) -> dict[str, Any] | None:
         if not colon or not key.isidentifier():
             return None
         data[key] = decode_flow(value)
+    configs = _parse_config_lines(body)
+    if configs is not None:
+        data["configs"] = configs
+        return data
     lines = [ln for ln in body.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if any(not ln.startswith("  ") or ln[2] in " \t" for ln in lines):
         return None
@@ -187,8 +259,18 @@ def parse_state(text: str, path: Path) -> State:
     configs = data.get("configs") or {}
     if not isinstance(configs, dict):
         raise StateError(f"{path}: 'configs' must be a mapping from name to record")
+    plain_keys = True
     for name, record in configs.items():
-        _check_record(name, record, path)
+        # The common, well-formed record costs a few lookups; anything else gets the full check.
+        if not (
+            type(record) is dict
+            and record.get("status") in STATUSES
+            and type(record.get("attempts")) is int
+            and record["attempts"] >= 0
+            and type(record.get("params")) is dict
+        ):
+            _check_record(name, record, path)
+        plain_keys = plain_keys and type(name) is str
     seq = data.get("journal_seq", 0)
     sessions = data.get("sessions") or {}
     if not isinstance(sessions, dict):
@@ -199,7 +281,7 @@ def parse_state(text: str, path: Path) -> State:
     return State(
         name=data.get("name"),
         description=data.get("description"),
-        configs={str(k): v for k, v in configs.items()},
+        configs=configs if plain_keys else {str(k): v for k, v in configs.items()},
         journal_seq=seq if isinstance(seq, int) else 0,
         sessions=sessions,
     )
@@ -242,6 +324,12 @@ def disable_crash_hook() -> None:
     """Worker processes inherit the environment but are not the process under test."""
     global _crash_after_step
     _crash_after_step = 0
+
+
+def _file_version(path: Path) -> tuple[int, int, int]:
+    """What changes when a file is replaced or rewritten: inode, modification time, size."""
+    info = os.stat(path)
+    return info.st_ino, info.st_mtime_ns, info.st_size
 
 
 def fsync_dir(path: Path) -> None:
@@ -379,6 +467,24 @@ def read_result(config_dir: Path) -> tuple[Any, dict[str, Any]] | None:
         return None
 
 
+def read_markers(markers_dir: Path) -> dict[str, tuple[int, float]]:
+    """The configs that worker processes were running: name -> (pid, start time)."""
+    running = {}
+    try:
+        entries = list(os.scandir(markers_dir))
+    except FileNotFoundError:
+        return {}
+    for entry in entries:
+        try:
+            with open(entry.path, "rb") as handle:
+                stamp, _, name = handle.read(MARKER_BYTES).decode().strip().partition(" ")
+            running[name] = (int(entry.name), float(stamp))
+        except (OSError, ValueError):
+            continue
+    running.pop("", None)
+    return running
+
+
 def recovered_fields(result: Any, meta: dict[str, Any]) -> dict[str, Any]:
     """State fields for a config whose result file was written but never recorded."""
     return {
@@ -404,6 +510,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# How long a refused run waits for the lock's new holder to write run.json.
+HOLDER_WAIT_S = 2.0
 _RESTORE_HINT = "restore it from a backup, or fix it by hand (a plain YAML file)"
 # dump_state always writes this line; a file without it was cut short.
 _CONFIGS_LINE = re.compile(r"^configs:", re.MULTILINE)
@@ -446,6 +554,8 @@ class Store:
         self.state_path = self.root / STATE_FILE
         self.journal_path = self.root / JOURNAL_FILE
         self.configs_dir = self.root / CONFIGS_DIR
+        # What the last read() found left running by a run that is gone (it reads them settled).
+        self.left_running: list[str] = []
 
     def config_dir(self, name: str) -> Path:
         return self.configs_dir / name
@@ -480,23 +590,25 @@ class Store:
             )
         for _ in range(5):
             try:
+                version = _file_version(self.state_path)
                 text = self.state_path.read_text(encoding="utf-8")
             except FileNotFoundError:
                 raise StateError(
                     f"no experiment in {self.root} yet (no {STATE_FILE}); run it first"
                 ) from None
             except UnicodeDecodeError:
-                raise StateError(
-                    f"{self.state_path} is not UTF-8 text; {_RESTORE_HINT}"
-                ) from None
+                raise StateError(f"{self.state_path} is not UTF-8 text; {_RESTORE_HINT}") from None
             state = _parse_checked(text, self.state_path)
             entries = read_journal(self.journal_path, state.journal_seq)
-            # A compaction between our two reads leaves a gap: read again.
+            # A compaction between our two reads leaves a gap, or a newer state file over an
+            # emptied journal (the old file alone would be a step back in time): read again.
+            if _file_version(self.state_path) != version:
+                continue
             if not entries or entries[0][0] == state.journal_seq + 1:
                 apply_entries(state, entries)
                 if state.counts()["running"] and self.active_run() is None:
                     # Left running by a run that is gone: read them as the next run will settle them.
-                    self.settle_interrupted(state, count=False)
+                    self.left_running = self.settle_interrupted(state, count=False)
                 return state
         raise StateError(f"{self.root} changed five times while being read; try again")
 
@@ -516,17 +628,33 @@ class Store:
 
         lock_path = self.root / LOCK_FILE
         run_path = self.root / RUN_FILE
-        if break_lock:
-            with contextlib.suppress(FileNotFoundError):
-                lock_path.unlink()
         lock = filelock.FileLock(str(lock_path), is_singleton=False)
         try:
             lock.acquire(blocking=False)
         except filelock.Timeout:
-            raise LockedError(
-                f"another run is active on {self.root}: {self._holder(run_path)}; wait for it, "
-                "or if it is dead on another host, run again with --break-lock"
-            ) from None
+            holder = self._holder(run_path)
+            described = holder.describe() if holder else "holder unknown"
+            if not break_lock:
+                raise LockedError(
+                    f"another run is active on {self.root}: {described}; wait for it to end, "
+                    "or if it is dead on another host, run again with --break-lock"
+                ) from None
+            if holder is not None and holder.host == socket.gethostname():
+                # flock dies with its holder: a held lock on this host has a living holder.
+                raise LockedError(
+                    f"another run is active on {self.root}: {described}, alive on this host; "
+                    f"stop it first (kill {holder.pid}), --break-lock only takes over a dead run"
+                ) from None
+            # Taking over: a new lock file, so the old holder's lock no longer counts.
+            with contextlib.suppress(FileNotFoundError):
+                lock_path.unlink()
+            lock = filelock.FileLock(str(lock_path), is_singleton=False)
+            try:
+                lock.acquire(blocking=False)
+            except filelock.Timeout:
+                raise LockedError(
+                    f"another run took {self.root} while breaking its lock; try again"
+                ) from None
         info = RunInfo.current()
         try:
             write_atomic(run_path, encode_flow(info.__dict__) + "\n", durable=False)
@@ -537,12 +665,21 @@ class Store:
             lock.release()
 
     @staticmethod
-    def _holder(run_path: Path) -> str:
-        try:
-            data = json.loads(run_path.read_text())
-            return RunInfo(**data).describe()
-        except (OSError, ValueError, TypeError):
-            return "holder unknown"
+    def _holder(run_path: Path, wait_s: float = HOLDER_WAIT_S) -> RunInfo | None:
+        """Who holds the lock, from run.json; waits a moment for a holder that just took it."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                info: RunInfo | None = RunInfo(**json.loads(run_path.read_text()))
+            except (OSError, ValueError, TypeError):
+                info = None
+            # A run.json left by a dead run names a dead pid: the new holder has not written yet.
+            here = info is not None and info.host == socket.gethostname()
+            if info is not None and not (here and not _pid_alive(info.pid)):
+                return info
+            if time.monotonic() > deadline:
+                return info
+            time.sleep(0.02)
 
     def active_run(self) -> RunInfo | None:
         """The run holding the experiment now; None when there is none or its process is gone."""
@@ -557,6 +694,9 @@ class Store:
     def settle_interrupted(self, state: State, *, count: bool) -> list[str]:
         """Configs a dead run left running: done if their result file made it, else todo again."""
         settled = []
+        # A process-pool run leaves the configs its workers were executing in marker files.
+        markers = self.root / WORKERS_DIR
+        executing = read_markers(markers) if markers.is_dir() else None
         for name, record in state.configs.items():
             if record["status"] != "running":
                 continue
@@ -564,10 +704,13 @@ class Store:
             found = read_result(self.config_dir(name))
             if found is not None and found[1].get("attempt") == record.get("attempts"):
                 record.update(recovered_fields(*found))
-            else:
-                record["status"] = "todo"
-                if count:
-                    record["interruptions"] = record.get("interruptions", 0) + 1
+                continue
+            record["status"] = "todo"
+            if executing is not None and name not in executing:
+                # Queued behind a busy worker when the run died: that attempt never started.
+                record["attempts"] = max(0, record.get("attempts", 1) - 1)
+            elif count:
+                record["interruptions"] = record.get("interruptions", 0) + 1
         return settled
 
 

@@ -20,9 +20,24 @@ SUMMARY_FILE = "summary.csv"
 _LEAD = ("name", "status")
 _TAIL = ("duration_s", "attempts", "error", "cache_hits", "cache_misses")
 _TEXT_COLUMNS = ("name", "status", "error")
+_FIXED = frozenset((*_LEAD, *_TAIL))
+
+
+def _param_column(key: str) -> str:
+    """A param named like a fixed column (name, status, ...) gets the prefix "params."."""
+    return f"params.{key}" if key in _FIXED else key
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if (
+        not prefix
+        and type(value) is dict
+        and dict not in set(map(type, value.values()))
+        and set(map(type, value)) <= {str}
+        and "" not in value
+    ):
+        out.update(value)  # flat already: the common case, without a call per key
+        return
     if isinstance(value, dict) and value:
         for key, item in value.items():
             _flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
@@ -50,16 +65,25 @@ def rows(state: State) -> tuple[list[str], list[dict[str, Any]]]:
     taken = set(_LEAD) | set(param_cols) | set(_TAIL)
     # A result key that clashes with a param or a fixed column gets the prefix "result.".
     renamed = {key: (f"result.{key}" if key in taken else key) for key in result_cols}
-    columns = [*_LEAD, *param_cols, *renamed.values(), *_TAIL]
+    columns = [*_LEAD, *map(_param_column, param_cols), *renamed.values(), *_TAIL]
+    params_clash = not _FIXED.isdisjoint(param_cols)
+    none_renamed = all(key == column for key, column in renamed.items())
     out = []
     for name, record, params, result in flat_rows:
+        if params_clash:
+            params = {_param_column(key): value for key, value in params.items()}
         row: dict[str, Any] = {"name": name, "status": record["status"], **params}
-        for key, value in result.items():
-            row[renamed[key]] = value
-        for key in _TAIL:
-            row[key] = record.get(key)
-        row["cache_hits"] = row["cache_hits"] or 0
-        row["cache_misses"] = row["cache_misses"] or 0
+        if none_renamed:
+            row.update(result)
+        else:
+            for key, value in result.items():
+                row[renamed[key]] = value
+        get = record.get
+        row["duration_s"] = get("duration_s")
+        row["attempts"] = get("attempts")
+        row["error"] = get("error")
+        row["cache_hits"] = get("cache_hits") or 0
+        row["cache_misses"] = get("cache_misses") or 0
         out.append(row)
     return columns, out
 
@@ -70,6 +94,15 @@ def _cell(value: Any) -> Any:
     if isinstance(value, list | dict):
         return json.dumps(value, sort_keys=True)
     return value
+
+
+def _cells(row: dict[str, Any], columns: list[str]) -> list[Any]:
+    """One CSV row; csv itself writes None as an empty cell, so only lists and dicts need work."""
+    values = list(map(row.get, columns))
+    kinds = set(map(type, values))
+    if list in kinds or dict in kinds:
+        return [_cell(v) for v in values]
+    return values
 
 
 def save_summary(store: Store, *, force: bool = False, state: State | None = None) -> Path:
@@ -86,7 +119,7 @@ def save_summary(store: Store, *, force: bool = False, state: State | None = Non
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
-    writer.writerows([_cell(row.get(c)) for c in columns] for row in table)
+    writer.writerows(_cells(row, columns) for row in table)
     path = store.root / SUMMARY_FILE
     write_atomic(path, buffer.getvalue())
     return path
@@ -102,10 +135,25 @@ def load_summary(output_dir: str | os.PathLike[str]) -> pd.DataFrame:
             f"no {SUMMARY_FILE} in {Path(output_dir).absolute()}; it is written when every config "
             "is done, or by force_summary"
         )
-    frame = pd.read_csv(path, dtype=dict.fromkeys(_TEXT_COLUMNS, "string"), keep_default_na=True)
+    dtype = dict.fromkeys([*_TEXT_COLUMNS, *_string_columns(Store(output_dir))], "string")
+    frame = pd.read_csv(path, dtype=dtype, keep_default_na=True)
     if "status" in frame:
         frame["status"] = frame["status"].astype("category")
     return frame
+
+
+def _string_columns(store: Store) -> list[str]:
+    """Columns the state holds only strings in, so that '007' or 'true' is not read as 7 or True."""
+    try:
+        columns, table = rows(store.read())
+    except ResweepError:
+        return []
+    return [
+        column
+        for column in columns
+        if any(isinstance(row.get(column), str) for row in table)
+        and all(isinstance(row.get(column), str | None) for row in table)
+    ]
 
 
 def _frame(columns: list[str], table: Iterable[dict[str, Any]]) -> pd.DataFrame:
@@ -165,7 +213,7 @@ class ExperimentView:
         out: dict[str, Any] = {}
         for record in self._state.configs.values():
             _flatten(record.get("params") or {}, "", out)
-        return set(out)
+        return set(map(_param_column, out))
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{k} {v}" for k, v in self.status().items())

@@ -1,0 +1,557 @@
+"""The Dask backend: a cluster to run configs on, and what each remote config ships back."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import logging
+import os
+import pickle
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterable
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import distributed
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from resweep import cache
+from resweep.errors import ResweepError
+from resweep.experiment import Context
+from resweep.runner import (
+    STORAGE_ERRNOS,
+    Job,
+    Outcome,
+    Task,
+    _current_log,
+    _error_line,
+    _faulted,
+    _Router,
+    to_plain_result,
+)
+from resweep.store import (
+    CONFIGS_DIR,
+    EXCEPTION_FILE,
+    LOG_FILE,
+    RESULT_FILE,
+    WORKERS_DIR,
+    Store,
+    now_iso,
+    write_atomic,
+    write_result,
+)
+
+# How long connecting to a scheduler may take before the run gives up.
+CONNECT_TIMEOUT_S = 20.0
+# How often the coordinator asks the scheduler how many threads the cluster has now.
+CLUSTER_SIZE_EVERY_S = 2.0
+# How long closing the client and a local cluster may take at the end of a run.
+CLOSE_TIMEOUT_S = 10.0
+# A config that prints more than this keeps the head of its log; the rest is counted, not sent.
+LOG_LIMIT_CHARS = 8_000_000
+SCRATCH_PREFIX = "resweep-"
+# distributed's API is only partly annotated; resweep calls the unannotated part through Any.
+_distributed: Any = distributed
+
+
+@dataclass(slots=True)
+class Shipment:
+    """What a config run on a Dask worker sends back for the coordinator to write."""
+
+    # This attempt's part of log.txt; empty when the config printed and logged nothing.
+    log: str
+    # The traceback for exception.txt, when the config raised.
+    trace: str | None
+    # Calls this attempt recorded that the coordinator's cache does not hold yet: (key, answer).
+    entries: list[tuple[str, bytes]]
+
+
+# -- worker side ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Remote:
+    """One run as a worker process holds it: the Job, unpickled and set up once."""
+
+    job: Job
+    setup_error: str | None
+    # This worker process's scratch directory for the run (local disk): cache and ctx.dir.
+    scratch: Path
+    # The worker sees the coordinator's output_dir (a shared filesystem): ctx.dir is the real one.
+    shared: bool
+    report_starts: bool
+
+
+# Filled by _JobPlugin on every worker, including those that join later (adaptive scaling).
+_payloads: dict[str, tuple[bytes, bool]] = {}
+_prepared: dict[str, _Remote] = {}
+_prepare_lock = threading.Lock()
+
+
+class _JobPlugin(WorkerPlugin):
+    """Hands a run's pickled Job to each worker once, instead of with every config."""
+
+    def __init__(self, token: str, blob: bytes, report_starts: bool, own_cluster: bool) -> None:
+        self.token = token
+        self.blob = blob
+        self.report_starts = report_starts
+        # Workers of the cluster a run started share its terminal: Ctrl-C is for the run alone.
+        self.own_cluster = own_cluster
+
+    def setup(self, worker: distributed.Worker) -> None:
+        _payloads[self.token] = (self.blob, self.report_starts)
+        if self.own_cluster:
+            with contextlib.suppress(ValueError):  # not the main thread: nothing to protect
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def teardown(self, worker: distributed.Worker) -> None:
+        _payloads.pop(self.token, None)
+        with _prepare_lock:
+            remote = _prepared.pop(self.token, None)
+        if remote is not None:
+            with contextlib.suppress(Exception):
+                cache.close_cache(remote.scratch)
+            shutil.rmtree(remote.scratch, ignore_errors=True)
+
+
+def _topic(token: str) -> str:
+    return f"{SCRATCH_PREFIX}{token}-started"
+
+
+def _sees_output_dir(job: Job) -> bool:
+    """Whether this worker sees the coordinator's output_dir itself and may write ctx.dir there."""
+    probe = Path(job.output_dir, WORKERS_DIR, f"probe-{job.token}")
+    try:
+        found = probe.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return found == job.token and os.access(Path(job.output_dir, CONFIGS_DIR), os.W_OK | os.X_OK)
+
+
+def _prepare_remote(token: str) -> _Remote:
+    """This worker process's copy of the run, unpickled and set up on its first config."""
+    remote = _prepared.get(token)
+    if remote is not None:
+        return remote
+    with _prepare_lock:
+        remote = _prepared.get(token)
+        if remote is not None:
+            return remote
+        try:
+            blob, report_starts = _payloads[token]
+        except KeyError:
+            raise ResweepError(
+                "this Dask worker never received the experiment (its worker plugin is missing)"
+            ) from None
+        job = pickle.loads(blob)
+        assert isinstance(job, Job)
+        if not isinstance(sys.stdout, _Router):
+            # print() inside a config goes to that config's log; elsewhere to the real stream.
+            sys.stdout = _Router(sys.stdout)
+            sys.stderr = _Router(sys.stderr)
+        scratch = Path(distributed.get_worker().local_directory, f"{SCRATCH_PREFIX}{token}")
+        scratch.mkdir(parents=True, exist_ok=True)
+        setup_error = None
+        if job.per_worker is not None:
+            try:
+                job.per_worker(job.setup_value)
+            except Exception as exc:
+                setup_error = f"setup.per_worker failed: {_error_line(exc)}"
+        remote = _Remote(job, setup_error, scratch, _sees_output_dir(job), report_starts)
+        _prepared[token] = remote
+        return remote
+
+
+class _TextLog(io.TextIOBase):
+    """A remote config's log.txt, kept in memory until it travels back with the outcome."""
+
+    def __init__(self, attempt: int) -> None:
+        self._attempt = attempt
+        self._parts: list[str] = []
+        self._size = 0
+        self._dropped = 0
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        if not text:
+            return 0
+        with self._lock:
+            if not self._parts:
+                host = socket.gethostname()
+                self._parts.append(
+                    f"--- attempt {self._attempt}, {now_iso()}, pid {os.getpid()} on {host}\n"
+                )
+            if self._size + len(text) > LOG_LIMIT_CHARS:
+                self._dropped += len(text)
+            else:
+                self._parts.append(text)
+                self._size += len(text)
+        return len(text)
+
+    def writable(self) -> bool:
+        return True
+
+    def text(self) -> str:
+        with self._lock:
+            tail = f"\n[{self._dropped} more characters not kept]\n" if self._dropped else ""
+            return "".join(self._parts) + tail
+
+
+def run_remote(
+    token: str, task: Task, recorded: list[tuple[str, bytes]]
+) -> tuple[Outcome, Shipment]:
+    """Run one config on a Dask worker; what it leaves travels back with its outcome."""
+    remote = _prepare_remote(token)
+    if remote.report_starts:
+        worker = distributed.get_worker()
+        worker.log_event(_topic(token), [task.name, task.attempt, worker.address])
+    return _execute_remote(remote, task, recorded)
+
+
+def _execute_remote(
+    remote: _Remote, task: Task, recorded: list[tuple[str, bytes]]
+) -> tuple[Outcome, Shipment]:
+    """Run one config in the worker's scratch; nothing under output_dir but ctx.dir when shared."""
+    job = remote.job
+    start_time = now_iso()
+    started = time.perf_counter()
+    if remote.shared:
+        config_dir = Path(job.output_dir, CONFIGS_DIR, task.name)
+    else:
+        config_dir = remote.scratch / CONFIGS_DIR / task.name
+        # A re-run after a lost worker, or a config's second attempt here, starts clean.
+        shutil.rmtree(config_dir, ignore_errors=True)
+    log = _TextLog(task.attempt)
+    ok, result, error, trace = False, None, remote.setup_error, None
+    stats = cache.CallStats()
+    handle = None
+    entries: list[tuple[str, bytes]] = []
+    log_token = _current_log.set(log)
+    try:
+        config_dir.mkdir(parents=True, exist_ok=True)
+        if job.cache:
+            # The scratch cache holds this config's calls so far: a retry pays only for new ones.
+            handle = cache.open_cache(remote.scratch)
+            handle.evict(task.name, retry=True)
+            cache.record(handle, task.name, recorded)
+        if remote.setup_error is None:
+            ctx = Context(
+                name=task.name,
+                config=task.config,
+                dir=config_dir,
+                shared=job.shared,
+                attempt=task.attempt,
+                log_stream=log,
+            )
+            with cache.scope(remote.scratch if job.cache else None, task.name, "record", stats):
+                raw = job.function(task.config, ctx) if job.takes_ctx else job.function(task.config)
+            result = to_plain_result(raw)
+            ok = True
+    except OSError as exc:
+        if exc.errno in STORAGE_ERRNOS:  # the worker's disk failed, not the config
+            return _faulted(task, start_time, exc), Shipment("", None, [])
+        error = _error_line(exc)
+        trace = "".join(traceback.format_exception(exc))
+    except BaseException as exc:  # SystemExit too: one config's exit must not end the worker
+        error = _error_line(exc)
+        trace = "".join(traceback.format_exception(exc))
+    finally:
+        _current_log.reset(log_token)
+    duration_s = time.perf_counter() - started
+    if handle is not None:
+        seeded = {key for key, _ in recorded}
+        entries = [e for e in cache.recorded(handle, task.name) if e[0] not in seeded]
+        handle.evict(task.name, retry=True)
+    if not remote.shared:
+        shutil.rmtree(config_dir, ignore_errors=True)
+    outcome = Outcome(
+        task.name, ok, result, error, start_time, now_iso(), duration_s, task.attempt,
+        stats.hits, stats.misses,
+    )  # fmt: skip
+    return outcome, Shipment(log.text(), trace, entries)
+
+
+# -- coordinator side ----------------------------------------------------------------------
+
+
+def _quiet_dask_logs() -> None:
+    """A client that lost its scheduler logs every reconnect attempt; resweep says it once."""
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(("distributed", "tornado"))]
+    for name in ["distributed", "tornado", *names]:
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+
+class DaskPool:
+    """A Dask client used as the scheduler loop's executor: one task per config."""
+
+    def __init__(self, client: Any, cluster: Any, where: str) -> None:
+        self.client = client
+        # Set when this run started the cluster itself (no --scheduler): closed at the end.
+        self.cluster = cluster
+        self.where = where
+        self.executor = client.get_executor(pure=False)
+        self.keys: dict[Future[Any], str] = {}
+        # name -> (attempt, worker address, when its start was heard), for timeout_s.
+        self.started: dict[str, tuple[int, str, float]] = {}
+        self.job: Job | None = None
+        self.store: Store | None = None
+        self.cache: Any = None
+        # The configs with recorded calls: only those need a cache lookup when sent out.
+        self.recorded: set[str] = set()
+        self._seq = itertools.count()
+        self._size = (0, -CLUSTER_SIZE_EVERY_S)
+        self._plugin: str | None = None
+        # Writing results is disk-bound: a few threads keep up with many workers.
+        self._writers = ThreadPoolExecutor(4, thread_name_prefix="resweep-land")
+        self._probe: Path | None = None
+
+    @classmethod
+    def connect(cls, address: str | None, max_workers: int) -> DaskPool:
+        """Connect to the scheduler at address, or start a local cluster of max_workers processes."""
+        if address is None:
+            cluster = _distributed.LocalCluster(
+                n_workers=max_workers,
+                threads_per_worker=1,
+                processes=True,
+                # Any free port: a fixed one clashes with other clusters on the machine.
+                dashboard_address=":0",
+                silence_logs=logging.ERROR,
+            )
+            return cls(_distributed.Client(cluster), cluster, "the local Dask cluster")
+        try:
+            client = _distributed.Client(address, timeout=CONNECT_TIMEOUT_S)
+        except Exception as error:
+            raise ResweepError(
+                f"cannot reach the Dask scheduler at {address} ({_error_line(error)}); start it, "
+                "or check --scheduler"
+            ) from None
+        return cls(client, None, f"the Dask scheduler at {address}")
+
+    def start(self, job: Job, blob: bytes, *, report_starts: bool) -> None:
+        """Hand the run to every worker, and let them tell whether they see output_dir."""
+        self.job = job
+        self.store = Store(job.output_dir)
+        if job.cache:
+            self.cache = cache.open_cache(job.output_dir)
+            self.recorded = cache.tags(self.cache)
+        probe = self.store.root / WORKERS_DIR / f"probe-{job.token}"
+        probe.parent.mkdir(exist_ok=True)
+        write_atomic(probe, job.token, durable=False)
+        self._probe = probe
+        if report_starts:
+            self.client.subscribe_topic(_topic(job.token), self._heard_start)
+        self._plugin = f"{SCRATCH_PREFIX}{job.token}"
+        plugin = _JobPlugin(job.token, blob, report_starts, own_cluster=self.cluster is not None)
+        self.client.register_plugin(plugin, name=self._plugin)
+
+    def _heard_start(self, event: tuple[float, Any]) -> None:
+        name, attempt, worker = event[1]
+        self.started[str(name)] = (int(attempt), str(worker), time.monotonic())
+
+    def submit(self, task: Task) -> Future[Any]:
+        """Send one config to the cluster with the calls it has already recorded."""
+        assert self.job is not None
+        recorded = []
+        if self.cache is not None and task.name in self.recorded:
+            recorded = cache.recorded(self.cache, task.name)
+        key = f"{SCRATCH_PREFIX}{self.job.token[:8]}-{next(self._seq)}"
+        future: Future[Any] = self.executor.submit(
+            run_remote, self.job.token, task, recorded, key=key
+        )
+        self.keys[future] = key
+        return future
+
+    def alive(self) -> bool:
+        return bool(self.client.status == "running")
+
+    def lost(self) -> ResweepError:
+        _quiet_dask_logs()
+        return ResweepError(
+            f"lost {self.where}; every finished config is saved, run again once it is back"
+        )
+
+    def slots(self) -> int:
+        """How many configs the cluster runs at once now (its threads), asked every few seconds."""
+        size, asked = self._size
+        now = time.monotonic()
+        if now - asked >= CLUSTER_SIZE_EVERY_S:
+            with contextlib.suppress(Exception):
+                size = sum(self.client.nthreads().values())
+            self._size = (size, now)
+        return size
+
+    def collect(self, finished: list[tuple[Future[Any], Task]]) -> list[Outcome]:
+        """The outcomes of finished tasks, each one's files and calls written under output_dir."""
+        outcomes: list[Outcome] = []
+        shipped: list[tuple[Outcome, Shipment]] = []
+        try:
+            for future, task in finished:
+                outcome, shipment = self._outcome(future, task)
+                outcomes.append(outcome)
+                if shipment is not None:
+                    shipped.append((outcome, shipment))
+        finally:
+            # Even when the scheduler is lost, what did come back is written (and then recovered).
+            if len(shipped) > 1:
+                list(self._writers.map(lambda pair: self.land(*pair), shipped))
+            elif shipped:
+                self.land(*shipped[0])
+        return outcomes
+
+    def _outcome(self, future: Future[Any], task: Task) -> tuple[Outcome, Shipment | None]:
+        self.keys.pop(future, None)
+        self.started.pop(task.name, None)
+        try:
+            outcome, shipment = future.result()
+        except CancelledError:
+            if not self.alive():
+                raise self.lost() from None
+            raise ResweepError(
+                f"the Dask cluster cancelled config {task.name!r} (was it restarted?); "
+                "every finished config is saved, run again"
+            ) from None
+        except distributed.KilledWorker as error:
+            # Dask re-ran it on other workers first: this config kills the workers it runs on.
+            return Outcome(
+                task.name, False, None,
+                f"worker died: {error.allowed_failures + 1} Dask workers died running it",
+                now_iso(), now_iso(), 0.0, task.attempt,
+            ), None  # fmt: skip
+        except Exception as error:
+            if not self.alive():
+                raise self.lost() from None
+            raise ResweepError(
+                f"a Dask worker could not run config {task.name!r}: {_error_line(error)}; the "
+                "workers need the same Python packages as this machine"
+            ) from None
+        assert isinstance(outcome, Outcome) and isinstance(shipment, Shipment)
+        return outcome, shipment
+
+    def land(self, outcome: Outcome, shipment: Shipment) -> None:
+        """Write a remote config's calls, log and result file, before its outcome is journaled."""
+        assert self.job is not None and self.store is not None
+        if outcome.fault is not None:
+            return
+        config_dir = self.store.config_dir(outcome.name)
+        try:
+            if shipment.entries and self.cache is not None:
+                cache.record(self.cache, outcome.name, shipment.entries)
+                self.recorded.add(outcome.name)
+            config_dir.mkdir(parents=True, exist_ok=True)
+            if shipment.log or shipment.trace:
+                with open(config_dir / LOG_FILE, "a", encoding="utf-8", errors="replace") as log:
+                    log.write(shipment.log)
+                    if shipment.trace is not None:
+                        log.write(
+                            f"--- attempt {outcome.attempt} failed, {outcome.end_time}\n"
+                            f"{shipment.trace}"
+                        )
+            stale = EXCEPTION_FILE if outcome.ok else RESULT_FILE
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(config_dir / stale)
+            if outcome.ok:
+                meta = {
+                    "attempt": outcome.attempt,
+                    "end_time": outcome.end_time,
+                    "duration_s": outcome.duration_s,
+                    "cache_hits": outcome.cache_hits,
+                    "cache_misses": outcome.cache_misses,
+                    "session": self.job.session,
+                    "fingerprint": self.job.fingerprint,
+                }
+                write_result(config_dir, outcome.result, meta)
+            elif shipment.trace is not None:
+                write_atomic(config_dir / EXCEPTION_FILE, shipment.trace, durable=False)
+        except OSError as exc:
+            if exc.errno not in STORAGE_ERRNOS:
+                raise
+            outcome.fault = (
+                f"{os.strerror(exc.errno or 0)} while writing {exc.filename or 'a file'}"
+            )
+
+    def unstarted(self, futures: Iterable[Future[Any]]) -> list[Future[Any]]:
+        """The futures whose config no worker has taken yet (a graceful stop drops them)."""
+        with contextlib.suppress(Exception):
+            processing = {key for keys in self.client.processing().values() for key in keys}
+            waiting = []
+            for future in futures:
+                key = self.keys.get(future)
+                state = self.client.futures.get(key) if key is not None else None
+                if key not in processing and getattr(state, "status", None) == "pending":
+                    waiting.append(future)
+            return waiting
+        return []
+
+    def overdue(self, in_flight: dict[str, Task], timeout_s: float) -> list[tuple[str, str]]:
+        """(config, worker) for every config that has run longer than timeout_s on a worker."""
+        now = time.monotonic()
+        late = []
+        for name, (attempt, worker, heard) in list(self.started.items()):
+            task = in_flight.get(name)
+            if task is not None and task.attempt == attempt and now - heard > timeout_s:
+                late.append((name, worker))
+        return late
+
+    def cancel(self, future: Future[Any]) -> None:
+        """Drop one config's task; a worker already running it is restarted separately."""
+        key = self.keys.pop(future, None)
+        future.cancel()
+        if key is not None:
+            with contextlib.suppress(Exception):
+                self.client.cancel([key], force=True)
+
+    def restart(self, workers: Iterable[str]) -> None:
+        """Restart these workers (through their nannies) to stop configs that outlived timeout_s."""
+        addresses = sorted(set(workers))
+
+        def restart() -> None:
+            try:
+                states = self.client.restart_workers(addresses, raise_for_error=False)
+            except Exception as error:
+                states = {a: _error_line(error) for a in addresses}
+            for address, state in dict(states).items():
+                if state != "OK":
+                    print(
+                        f"resweep: could not restart Dask worker {address} ({state}); a config "
+                        "that timed out may still be running there",
+                        file=sys.__stderr__,
+                        flush=True,
+                    )
+
+        threading.Thread(target=restart, name="resweep-restart", daemon=True).start()
+
+    def shutdown(self, wait: bool = True, **kwargs: Any) -> None:
+        """Cancel every task of this run still on the cluster (a stop, or an error)."""
+        keys = list(self.keys.values())
+        self.keys.clear()
+        if keys and self.alive():
+            with contextlib.suppress(Exception):
+                self.client.cancel(keys, force=True)
+
+    def close(self) -> None:
+        """Take the run off the workers; close the client, and the cluster this run started."""
+        self._writers.shutdown(wait=True)
+        if self._probe is not None:
+            with contextlib.suppress(OSError):
+                self._probe.unlink()
+        if self.alive():
+            self.shutdown()
+            if self._plugin is not None:
+                with contextlib.suppress(Exception):
+                    self.client.unregister_worker_plugin(self._plugin)
+        else:
+            _quiet_dask_logs()
+        with contextlib.suppress(Exception):
+            self.client.close(timeout=CLOSE_TIMEOUT_S)
+        if self.cluster is not None:
+            with contextlib.suppress(Exception):
+                self.cluster.close(timeout=CLOSE_TIMEOUT_S)
