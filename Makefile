@@ -38,6 +38,7 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks experiments
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python benchmarks/run_all.py
 
 clean:

@@ -1,0 +1,179 @@
+"""Whole-process timing for the benchmarks: wall time, peak RSS, medians and ratios."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+PYTHON = sys.executable
+# Runs per measurement; the machine is shared, so every figure is a median of several.
+REPEAT = max(1, int(os.environ.get("RESWEEP_BENCH_REPEAT", "3")))
+_PEAK_PREFIX = "resweep-bench-peak-rss-kb="
+
+# The experiment every resweep benchmark runs: BENCH_N no-op configs into BENCH_OUT.
+RESWEEP_SCRIPT = """\
+import atexit
+import os
+import resource
+import sys
+
+import resweep
+
+
+def noop(config):
+    return None
+
+
+N = int(os.environ["BENCH_N"])
+experiment = resweep.Experiment(
+    function=noop,
+    configs=[{"i": i} for i in range(N)],
+    output_dir=os.environ["BENCH_OUT"],
+    name="bench",
+)
+
+if __name__ == "__main__":
+    atexit.register(
+        lambda: print(
+            f"PEAK{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr
+        )
+    )
+    experiment.run_cli()
+""".replace("PEAK", _PEAK_PREFIX)
+
+# Raw joblib on the same function and the same configs: the floor resweep is compared to.
+JOBLIB_SCRIPT = """\
+import os
+
+from joblib import Parallel, delayed
+
+
+def noop(config):
+    return None
+
+
+N = int(os.environ["BENCH_N"])
+Parallel(n_jobs=int(os.environ["BENCH_WORKERS"]))(
+    delayed(noop)(c) for c in [{"i": i} for i in range(N)]
+)
+"""
+
+
+@dataclass
+class Sample:
+    """One whole process: wall time from start to exit, and peak resident memory."""
+
+    wall_s: float
+    # Largest RSS among the process and the children it waited for (wait4).
+    tree_peak_rss_mb: float
+    # The process's own peak RSS, when it reports it (the resweep scripts do).
+    own_peak_rss_mb: float | None
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_process(
+    argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Sample:
+    """Run argv to completion; time it from fork to exit and read its rusage."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=full_env, cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall_s = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    own = None
+    for line in stderr.splitlines():
+        if line.startswith(_PEAK_PREFIX):
+            own = int(line.removeprefix(_PEAK_PREFIX)) / 1024
+    return Sample(wall_s, usage.ru_maxrss / 1024, own, proc.returncode, stdout, stderr)
+
+
+def check(sample: Sample, what: str, codes: tuple[int, ...] = (0,)) -> Sample:
+    """The sample itself, or a clear error with the process's stderr."""
+    if sample.returncode not in codes:
+        raise RuntimeError(f"{what} exited {sample.returncode}:\n{sample.stderr[-3000:]}")
+    return sample
+
+
+class Workdir:
+    """A scratch directory on the same disk as the project, removed afterwards."""
+
+    def __init__(self) -> None:
+        base = os.environ.get("RESWEEP_BENCH_DIR")
+        self.path = Path(tempfile.mkdtemp(prefix="resweep-bench-", dir=base))
+
+    def script(self, name: str, text: str) -> Path:
+        path = self.path / name
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return path
+
+    def fresh(self, name: str) -> Path:
+        """An output directory path that does not exist yet."""
+        path = self.path / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        path.unlink(missing_ok=True)
+        return path
+
+    def __enter__(self) -> Workdir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def interleaved(
+    cases: dict[str, Callable[[], float]], repeat: int = REPEAT
+) -> dict[str, list[float]]:
+    """Run every case once per round, round after round, so load hits them alike."""
+    figures: dict[str, list[float]] = {label: [] for label in cases}
+    for _ in range(repeat):
+        for label, case in cases.items():
+            figures[label].append(case())
+    return figures
+
+
+def describe(values: list[float], unit: str = "s", scale: float = 1.0) -> str:
+    """Median and min-max of a list of figures."""
+    scaled = [v * scale for v in values]
+    med = statistics.median(scaled)
+    return f"median {med:.3g} {unit} (min-max {min(scaled):.3g}-{max(scaled):.3g}, n={len(values)})"
+
+
+def ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Ratio of the medians."""
+    return statistics.median(numerator) / statistics.median(denominator)
+
+
+def verdict(ok: bool) -> str:
+    return "goal met" if ok else "goal NOT met"
+
+
+def heading(title: str) -> None:
+    print(f"\n== {title} ==", flush=True)
+
+
+def machine() -> str:
+    """One line about where the figures come from."""
+    import platform
+
+    load = os.getloadavg()
+    return (
+        f"{os.cpu_count()} cpus, python {platform.python_version()}, "
+        f"load average {load[0]:.2f} at start, repeat {REPEAT}"
+    )
