@@ -433,3 +433,13 @@ def test_configs_with_nan_and_infinite_params_resume(tmp_path: Path) -> None:
     assert first.done == 3
     again = run(make(tmp_path, lambda c: {"ok": True}, configs))
     assert (again.executed, again.done) == (0, 3)
+
+
+def test_resuming_a_finished_sweep_writes_nothing(tmp_path: Path) -> None:
+    """A run with nothing to do and nothing new leaves experiment.yaml untouched (fast resume)."""
+    experiment = make(tmp_path, fine)
+    assert run(experiment).done == len(experiment.configs)
+    state = tmp_path / "out" / "experiment.yaml"
+    before = (state.read_bytes(), state.stat().st_mtime_ns)
+    assert run(experiment).executed == 0
+    assert (state.read_bytes(), state.stat().st_mtime_ns) == before

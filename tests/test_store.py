@@ -316,3 +316,39 @@ def test_write_atomic_replaces_whole_file(tmp_path: Path) -> None:
     store.write_atomic(path, json.dumps({"v": 2}))
     assert json.loads(path.read_text()) == {"v": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_read_one_gives_the_same_record_as_a_full_read(tmp_path: Path) -> None:
+    """show reads one line of a large state; the record equals the full reader's."""
+    target = store.Store(tmp_path)
+    state = store.State(name="big")
+    for i in range(500):
+        state.configs[f"c{i}"] = {"params": {"i": i, "x": 1e-05}, "status": "done", "attempts": 1}
+    target.save(state)
+    one = target.read_one("c321")
+    assert list(one.configs) == ["c321"]
+    assert one.configs["c321"] == target.read().configs["c321"]
+    assert one.name == "big"
+
+
+def test_a_state_cut_in_its_closing_line_is_refused(tmp_path: Path) -> None:
+    """A file that ends part way through its closing line was cut short: a StateError."""
+    target = store.Store(tmp_path)
+    target.save(store.State(configs={"a": {"params": {}, "status": "todo", "attempts": 0}}))
+    text = target.state_path.read_text()
+    assert text.endswith("# end of state: 1 configs\n")
+    target.state_path.write_text(text[: -len("configs\n")])
+    with pytest.raises(StateError, match="cut short"):
+        target.read()
+    with pytest.raises(StateError, match="cut short"):
+        target.read_one("a")
+
+
+def test_garbage_after_the_closing_line_sends_show_to_the_full_reader(tmp_path: Path) -> None:
+    """Lines appended after the closing line are not skipped by the one-line reader."""
+    target = store.Store(tmp_path)
+    target.save(store.State(configs={"a": {"params": {}, "status": "todo", "attempts": 0}}))
+    with open(target.state_path, "a") as handle:
+        handle.write("configs: [oops\n")
+    with pytest.raises(StateError):
+        target.read_one("a")

@@ -221,7 +221,7 @@ class CLI:
 
     def show(self, name: str) -> None:
         """Everything recorded about one config."""
-        state = self._experiment.read_state()
+        state = self._experiment.store.read_one(str(name))
         record = lookup(state, str(name))
         shown = {"name": str(name), **record}
         shown["provenance"] = provenance.describe_session(record.get("session"), state.sessions)

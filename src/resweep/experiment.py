@@ -284,7 +284,7 @@ class Experiment:
 
     def record(self, name: str) -> dict[str, Any]:
         """The state's record of one config; an unknown name is an error that lists close ones."""
-        state = self.read_state()
+        state = self.store.read_one(str(name))
         return lookup(state, str(name))
 
     def run_cli(self) -> None:

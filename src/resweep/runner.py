@@ -7,6 +7,7 @@ import contextvars
 import dataclasses
 import errno
 import io
+import json
 import os
 import re
 import shutil
@@ -63,6 +64,11 @@ RUN_FAILURE_FILE = "run_failure.txt"
 TIMEOUT_POLL_S = 0.1
 # Dask: configs out on the cluster per worker thread (running or queued at the scheduler).
 DASK_QUEUED_PER_THREAD = 8
+# Dask: configs faster than this on average travel several to a task (a lost worker re-runs its
+# whole batch, so slower ones go one per task). Each also costs about DASK_CONFIG_OVERHEAD_S
+# outside its function: scratch directory, scratch cache, shipping back, landing.
+DASK_BATCH_BELOW_S = 0.02
+DASK_CONFIG_OVERHEAD_S = 0.001
 # Pool breaks in a row that no config explains before the run gives up.
 MAX_UNEXPLAINED_BREAKS = 3
 # Errors that mean the disk, not the code, failed: the run stops cleanly, exit status 2.
@@ -589,11 +595,16 @@ class _Scheduler:
         self.bar.set_postfix_str(f"done={self.done} failed={self.failed}", refresh=False)
 
     def _batch_size(self) -> int:
-        # On Dask each config is its own task: a lost worker re-runs only the config it ran.
-        if self.mean_config_s is None or self.pool is not None:
+        if self.mean_config_s is None:
             return 1
-        # Per-config overhead outside the function: directory, result file, journal line.
-        per_config = self.mean_config_s + 50e-6
+        if self.pool is not None:
+            # A lost Dask worker re-runs its batch: a slow config is its own task.
+            if self.mean_config_s >= DASK_BATCH_BELOW_S:
+                return 1
+            per_config = self.mean_config_s + DASK_CONFIG_OVERHEAD_S
+        else:
+            # Per-config overhead outside the function: directory, result file, journal line.
+            per_config = self.mean_config_s + 50e-6
         size = int(TARGET_BATCH_S / per_config)
         balance = len(self.pending) // (4 * self.n_workers)
         return max(1, min(size, balance, MAX_BATCH_SIZE))
@@ -614,6 +625,9 @@ class _Scheduler:
         """Keep every worker busy with one batch and one more queued; a suspect runs alone."""
         if self.stop.requested or self.fault is not None:
             return
+        if self.pool is not None:
+            self._dispatch_dask()
+            return
         if self.suspects:
             if not self.futures:
                 batch = [self.suspects.popleft()]
@@ -628,6 +642,24 @@ class _Scheduler:
             if self.stop.requested:
                 return
 
+    def _dispatch_dask(self) -> None:
+        """Dask: fill the window with batches, sent together; a suspect travels alone."""
+        assert self.pool is not None
+        batches: list[list[Task]] = []
+        while (self.suspects or self.pending) and len(self.futures) + len(batches) < self._window():
+            if self.suspects:
+                # One config of a batch that killed its workers: only running alone tells which.
+                batches.append([self.suspects.popleft()])
+                continue
+            size = self._batch_size()
+            batches.append([self.pending.popleft() for _ in range(min(size, len(self.pending)))])
+        if not batches:
+            return
+        for batch in batches:
+            self._start(batch)
+        for future, batch in zip(self.pool.submit(batches), batches, strict=True):
+            self.futures[future] = batch
+
     def _window(self) -> int:
         """How many batches may be out at once: one running and one queued per worker."""
         if self.pool is not None:
@@ -636,8 +668,6 @@ class _Scheduler:
         return 2 * self.n_workers
 
     def _submit(self, executor: Any, batch: list[Task]) -> Future[Any]:
-        if self.pool is not None:
-            return self.pool.submit(batch[0])
         future: Future[Any] = executor.submit(run_batch, self.payload, batch)
         return future
 
@@ -759,17 +789,31 @@ class _Scheduler:
     def _collect(self, finished: set[Future[Any]]) -> None:
         """Dask: record every config that came back, in one group commit."""
         assert self.pool is not None
-        outcomes = self.pool.collect([(f, self.futures.pop(f)[0]) for f in finished])
+        outcomes, alone = self.pool.collect([(f, self.futures.pop(f)) for f in finished])
+        for task in alone:
+            # Its batch killed every worker it ran on: the same attempt runs again, alone.
+            del self.in_flight[task.name]
+            self.recorder.update(task.name, {"status": "todo", "attempts": task.attempt - 1})
+            self.suspects.append(task)
+        # Only the first outcome of an attempt counts; one task per batch makes that the only one.
+        outcomes = [o for o in outcomes if self._current(o)]
         if outcomes:
             self._absorb(outcomes)
+        elif alone:
+            self.recorder.write(sync=False)
 
-    def _drop(self, future: Future[Any]) -> Task:
-        """Take a Dask task off the cluster; its config is no longer in flight."""
+    def _current(self, outcome: Outcome) -> bool:
+        task = self.in_flight.get(outcome.name)
+        return task is not None and task.attempt == outcome.attempt
+
+    def _drop(self, future: Future[Any]) -> list[Task]:
+        """Take a Dask task off the cluster; its configs are no longer in flight."""
         assert self.pool is not None
-        (task,) = self.futures.pop(future)
+        batch = self.futures.pop(future)
         self.pool.cancel(future)
-        del self.in_flight[task.name]
-        return task
+        for task in batch:
+            del self.in_flight[task.name]
+        return batch
 
     def _watch_pool(self) -> None:
         """Dask: the scheduler is still there, a stop drops queued configs, overdue ones end."""
@@ -782,19 +826,31 @@ class _Scheduler:
             # Configs no worker has started do not hold the stop up; this attempt did not happen.
             self.queue_dropped = True
             for future in pool.unstarted(list(self.futures)):
-                task = self._drop(future)
-                self.recorder.update(task.name, {"status": "todo", "attempts": task.attempt - 1})
+                for task in self._drop(future):
+                    self.recorder.update(
+                        task.name, {"status": "todo", "attempts": task.attempt - 1}
+                    )
             self.recorder.write(sync=True)
         if self.timeout_s is None:
             return
-        by_name = {batch[0].name: future for future, batch in self.futures.items()}
+        by_name = {task.name: future for future, batch in self.futures.items() for task in batch}
         stuck = []
         for name, worker in pool.overdue(self.in_flight, self.timeout_s):
-            task = self._drop(by_name[name])
-            self.executed += 1
-            self.bar.update(1)
-            reason = f"timeout: ran longer than timeout_s={self.timeout_s:g}"
-            self._finish(task, {"error": reason, "end_time": now_iso()}, ok=False)
+            future = by_name[name]
+            if future not in self.futures:
+                continue
+            for task in self._drop(future):
+                if task.name != name:
+                    # The rest of its batch: outcomes lost with the task, the same attempt again.
+                    self.recorder.update(
+                        task.name, {"status": "todo", "attempts": task.attempt - 1}
+                    )
+                    self.pending.appendleft(task)
+                    continue
+                self.executed += 1
+                self.bar.update(1)
+                reason = f"timeout: ran longer than timeout_s={self.timeout_s:g}"
+                self._finish(task, {"error": reason, "end_time": now_iso()}, ok=False)
             stuck.append(worker)
         if stuck:
             self.recorder.write(sync=True)
@@ -874,14 +930,19 @@ class _Scheduler:
 
 def _merge(
     state: State, experiment: Experiment, named: dict[str, tuple[Any, dict[str, Any]]]
-) -> None:
-    """Add configs that are new as todo; an existing name must not change its params."""
+) -> bool:
+    """Add configs that are new as todo; an existing name must not change its params.
+
+    Returns whether the state changed.
+    """
     from resweep.errors import ConfigError
 
-    if experiment.name is not None:
-        state.name = experiment.name
-    if experiment.description is not None:
-        state.description = experiment.description
+    changed_state = False
+    for key in ("name", "description"):
+        value = getattr(experiment, key)
+        if value is not None and getattr(state, key) != value:
+            setattr(state, key, value)
+            changed_state = True
     for name, (_, params) in named.items():
         record = state.configs.get(name)
         if record is None:
@@ -892,6 +953,7 @@ def _merge(
                 "start_time": None,
                 "end_time": None,
             }
+            changed_state = True
             continue
         stored = record["params"]
         if stored == params:
@@ -904,7 +966,10 @@ def _merge(
                 f"config name {name!r} is stored with {key}={old!r}, but now has {key}={new!r}; "
                 "config_naming must give different configs different names"
             )
-        record["params"] = params
+        if json.dumps(record["params"], sort_keys=True) != json.dumps(params, sort_keys=True):
+            record["params"] = params
+            changed_state = True
+    return changed_state
 
 
 def _changed_params(
@@ -1077,9 +1142,12 @@ def _run_locked(
 ) -> RunReport:
     from resweep import provenance
 
-    state = store.read() if store.exists() else State()
-    _merge(state, experiment, named)
-    store.settle_interrupted(state, count=True)
+    existed = store.exists()
+    state = store.read() if existed else State()
+    dirty = _merge(state, experiment, named) or not existed
+    dirty = bool(store.settle_interrupted(state, count=True)) or dirty
+    # A journal on disk means the last run did not end cleanly: fold it in now.
+    dirty = dirty or store.journal_path.exists()
     fingerprint = provenance.fingerprint(experiment.function)
     names = plan(
         state,
@@ -1093,7 +1161,8 @@ def _run_locked(
         (store.root / RUN_FAILURE_FILE).unlink()
     scheduler = None
     if not names:
-        store.compact(state)
+        if dirty:  # nothing to run and nothing new: a resume of a finished sweep writes nothing
+            store.compact(state)
     else:
         session, session_record = provenance.new_session(
             experiment.function, backend=backend, max_workers=max_workers

@@ -42,6 +42,9 @@ _HEADER = (
     "# resweep experiment state, one config per line. You may edit a status by hand\n"
     "# (say failed -> todo) while no run is active; the next run honours it.\n"
 )
+# The last line of a state file: what follows it, or its absence, shows a damaged end.
+_TRAILER = "# end of state: "
+_TRAILER_LINE = re.compile(r"# end of state: \d+ configs\n")
 _YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _YAML_DUMPER: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 # Numbers such as 1e-05 that YAML 1.1 would read as strings; they get a ".0".
@@ -179,7 +182,16 @@ def dump_state(state: State) -> str:
             f"  {encode_flow(name)}: {encode_flow(record)}\n"
             for name, record in state.configs.items()
         )
+    lines.append(f"{_TRAILER}{len(state.configs)} configs\n")
     return "".join(lines)
+
+
+def _without_trailer(text: str) -> tuple[str, bool]:
+    """The text before its closing line, and whether that line closes it (nothing cut or added)."""
+    at = text.rfind("\n" + _TRAILER)
+    if at < 0 or not _TRAILER_LINE.fullmatch(text, at + 1):
+        return text, False
+    return text[: at + 1], True
 
 
 def _parse_config_lines(body: str) -> dict[str, Any] | None:
@@ -197,6 +209,7 @@ def _parse_config_lines(body: str) -> dict[str, Any] | None:
 
 def _parse_fast(text: str) -> dict[str, Any] | None:
     """Parse the layout dump_state writes; None when a hand edit changed that layout."""
+    text, _ = _without_trailer(text)
     head, sep, body = text.partition("\nconfigs:\n")
     if not sep:
         head, sep, body = text.partition("\nconfigs: {}\n")
@@ -233,8 +246,20 @@ def _parse_fast(text: str) -> dict[str, Any] | None:
     return data
 
 
+def _cut_in_trailer(text: str) -> bool:
+    """Whether the file ends part way through its closing line."""
+    last = text.rstrip("\n").rsplit("\n", 1)[-1]
+    if not last.startswith("#") or _TRAILER_LINE.fullmatch(last + "\n"):
+        return False
+    return _TRAILER.startswith(last) or last.startswith(_TRAILER)
+
+
 def parse_state(text: str, path: Path) -> State:
     """Check and read a state file; any problem is a StateError that says how to fix it."""
+    if _cut_in_trailer(text):
+        raise StateError(
+            f"{path} ends part way through its last line (cut short); restore it from a backup"
+        )
     try:
         data = _parse_fast(text)
     except yaml.YAMLError:
@@ -611,6 +636,28 @@ class Store:
                     self.left_running = self.settle_interrupted(state, count=False)
                 return state
         raise StateError(f"{self.root} changed five times while being read; try again")
+
+    def read_one(self, name: str) -> State:
+        """The state with only config `name`: reads one line, not all, on a huge sweep (show)."""
+        try:
+            text = self.state_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return self.read()  # which says what is wrong
+        text, intact = _without_trailer(text)
+        if not intact:
+            return self.read()  # an old file, or a damaged end: the full reader decides
+        head_end = text.find("\nconfigs:\n")
+        at = text.find(f"\n  {encode_flow(name)}: ", head_end)
+        if head_end < 0 or at < 0:
+            return self.read()  # a hand-edited layout, or an unknown name: the full reader says
+        line_end = text.find("\n", at + 1)
+        line = text[at + 1 : line_end if line_end >= 0 else len(text)]
+        state = parse_state(f"{text[:head_end]}\nconfigs:\n{line}\n", self.state_path)
+        entries = read_journal(self.journal_path, state.journal_seq)
+        apply_entries(state, [entry for entry in entries if entry[1] == name])
+        if state.counts()["running"] and self.active_run() is None:
+            self.settle_interrupted(state, count=False)
+        return state
 
     def save(self, state: State) -> None:
         write_atomic(self.state_path, dump_state(state))
