@@ -233,3 +233,20 @@ def test_params_named_like_fixed_columns_keep_those_columns_intact(tmp_path: Pat
         "params.name",
         "params.status",
     ]
+
+
+def na_words(config: Any) -> dict[str, Any]:
+    return {"answer": "NA", "other": "null", "score": 0.5}
+
+
+def test_strings_that_look_missing_stay_strings(tmp_path: Path) -> None:
+    """A result "NA" or "null" reads back as that text; only an empty cell is missing."""
+    experiment = resweep.Experiment(
+        function=na_words, configs=[{"i": 1}], output_dir=tmp_path / "out", cache=False
+    )
+    experiment.run(backend="sequential", progress=False)
+    frame = resweep.load_summary(tmp_path / "out")
+    assert frame.loc[0, "answer"] == "NA"
+    assert frame.loc[0, "other"] == "null"
+    assert frame.loc[0, "score"] == 0.5
+    assert frame["error"].isna().all()

@@ -136,7 +136,8 @@ def load_summary(output_dir: str | os.PathLike[str]) -> pd.DataFrame:
             "is done, or by force_summary"
         )
     dtype = dict.fromkeys([*_TEXT_COLUMNS, *_string_columns(Store(output_dir))], "string")
-    frame = pd.read_csv(path, dtype=dtype, keep_default_na=True)
+    # Only an empty cell is missing: a string result "NA" or "null" stays that string.
+    frame = pd.read_csv(path, dtype=dtype, keep_default_na=False, na_values=[""])
     if "status" in frame:
         frame["status"] = frame["status"].astype("category")
     return frame
