@@ -52,6 +52,15 @@ def note(kind, name):
         os.close(fd)
 
 
+def task_key():
+    from distributed import get_worker
+
+    try:
+        return get_worker().get_current_task()
+    except ValueError:  # not on a Dask worker: replay
+        return "none"
+
+
 @resweep.cached
 def ask(x):
     note("calls", x)
@@ -60,6 +69,7 @@ def ask(x):
 
 def work(config, ctx):
     note("starts", ctx.name)
+    note("tasks", f"{ctx.name}|{task_key()}")
     print("printed", config["i"])
     ctx.log.info("logged %s", config["i"])
     answer = ask(config["i"])
@@ -145,6 +155,13 @@ def wait_for(predicate: Callable[[], object], timeout_s: float = 60, what: str =
 def statuses(out: Path) -> dict[str, str]:
     """Every config's status as a new run would see it (journal applied, dead runs settled)."""
     return {name: r["status"] for name, r in Store(out).read().configs.items()}
+
+
+def recorded_done(out: Path) -> int:
+    """How many configs the state shows done now (none before the state file exists)."""
+    with contextlib.suppress(resweep.ResweepError):
+        return list(statuses(out).values()).count("done")
+    return 0
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -> None:
@@ -254,6 +271,51 @@ def test_killed_worker_reruns_only_its_config(tmp_path: Path) -> None:
     completions = Counter(name for name, _ in lines(tmp_path, "completions"))
     assert completions == Counter({f"i={i}": 1 for i in range(8)})
     assert Counter(name for name, _ in lines(tmp_path, "starts"))[victim] == 2
+
+
+def test_fast_configs_travel_in_batches(tmp_path: Path) -> None:
+    """Fast configs share Dask tasks; a worker killed mid-batch leaves each config done once."""
+    script = write_script(tmp_path)
+    proc = start(
+        script, "run", "--backend", "dask", "--max-workers", "2", EXP_N="400", EXP_SLEEP="0.01"
+    )
+    try:
+        wait_for(lambda: len(lines(tmp_path, "starts")) >= 120, what="120 configs started")
+        victim, pid = lines(tmp_path, "starts")[-1]
+        os.kill(pid, signal.SIGKILL)
+        assert proc.wait(timeout=120) == 0, (tmp_path / "run.err").read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    state = Store(tmp_path / "out").read()
+    assert {r["status"] for r in state.configs.values()} == {"done"}
+    # A batch that died with its worker ran again as the same attempt, recorded once.
+    assert {r["attempts"] for r in state.configs.values()} == {1}
+    completions = Counter(name for name, _ in lines(tmp_path, "completions"))
+    assert set(completions) == {f"i={i}" for i in range(400)}
+    # The victim's batch ran again: the config cut off, and those after it in the batch.
+    assert Counter(name for name, _ in lines(tmp_path, "starts"))[victim] == 2
+    tasks = {entry.split("|")[1] for entry, _ in lines(tmp_path, "tasks")}
+    assert len(tasks) < 200
+
+
+def test_timeout_inside_a_batch_fails_only_that_config(tmp_path: Path) -> None:
+    """A fast config that hangs in a batch times out alone; the rest of its batch is done."""
+    script = write_script(tmp_path)
+    proc = run(
+        script, "run", "--backend", "dask", "--max-workers", "2",
+        EXP_N="200", EXP_SLEEP="0.002", EXP_HANG="60", EXP_TIMEOUT="3",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    state = yaml.safe_load((tmp_path / "out/experiment.yaml").read_text())
+    hung = state["configs"].pop("i=60")
+    assert hung["status"] == "failed" and hung["error"].startswith("timeout")
+    assert {r["status"] for r in state["configs"].values()} == {"done"}
+    assert {r["attempts"] for r in state["configs"].values()} == {1}
+    # It did run inside a batch: its Dask task ran other configs too.
+    runs = [entry.split("|") for entry, _ in lines(tmp_path, "tasks")]
+    (key,) = [key for name, key in runs if name == "i=60"]
+    assert len([name for name, k in runs if k == key]) > 1
 
 
 def test_coordinator_killed_resumes_on_a_fresh_cluster(tmp_path: Path) -> None:
@@ -385,7 +447,8 @@ def test_lost_scheduler_stops_the_run(tmp_path: Path) -> None:
         proc = start(
             script, "run", "--backend", "dask", "--scheduler", address, EXP_N="10", EXP_SLEEP="0.5"
         )
-        wait_for(lambda: len(lines(tmp_path, "completions")) >= 2, what="two configs done")
+        # Recorded, not just returned: an outcome still on its way is lost with the scheduler.
+        wait_for(lambda: recorded_done(tmp_path / "out") >= 2, what="two configs done")
         os.killpg(scheduler.pid, signal.SIGKILL)
         assert proc.wait(timeout=120) == 2
         err = (tmp_path / "run.err").read_text()

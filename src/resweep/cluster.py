@@ -207,14 +207,19 @@ class _TextLog(io.TextIOBase):
 
 
 def run_remote(
-    token: str, task: Task, recorded: list[tuple[str, bytes]]
-) -> tuple[Outcome, Shipment]:
-    """Run one config on a Dask worker; what it leaves travels back with its outcome."""
+    token: str, tasks: list[Task], recorded: dict[str, list[tuple[str, bytes]]]
+) -> list[tuple[Outcome, Shipment]]:
+    """Run a batch of configs on a Dask worker; what they leave travels back with the outcomes."""
     remote = _prepare_remote(token)
-    if remote.report_starts:
-        worker = distributed.get_worker()
-        worker.log_event(_topic(token), [task.name, task.attempt, worker.address])
-    return _execute_remote(remote, task, recorded)
+    worker = distributed.get_worker() if remote.report_starts else None
+    key = worker.get_current_task() if worker is not None else None
+    shipped = []
+    for task in tasks:
+        if worker is not None:
+            # Per config, not per batch: timeout_s counts from this config's own start.
+            worker.log_event(_topic(token), [key, task.name, task.attempt, worker.address])
+        shipped.append(_execute_remote(remote, task, recorded.get(task.name, [])))
+    return shipped
 
 
 def _execute_remote(
@@ -291,7 +296,7 @@ def _quiet_dask_logs() -> None:
 
 
 class DaskPool:
-    """A Dask client used as the scheduler loop's executor: one task per config."""
+    """A Dask client used as the scheduler loop's executor: one task per batch of configs."""
 
     def __init__(self, client: Any, cluster: Any, where: str) -> None:
         self.client = client
@@ -300,8 +305,11 @@ class DaskPool:
         self.where = where
         self.executor = client.get_executor(pure=False)
         self.keys: dict[Future[Any], str] = {}
-        # name -> (attempt, worker address, when its start was heard), for timeout_s.
-        self.started: dict[str, tuple[int, str, float]] = {}
+        # Task key -> (config, attempt, worker address, when its start was heard), for timeout_s:
+        # the config of a batch that started last is the one running.
+        self.started: dict[str, tuple[str, int, str, float]] = {}
+        # The keys of the tasks out now: a start heard late from a dropped task is ignored.
+        self._live: set[str] = set()
         self.job: Job | None = None
         self.store: Store | None = None
         self.cache: Any = None
@@ -354,21 +362,28 @@ class DaskPool:
         self.client.register_plugin(plugin, name=self._plugin)
 
     def _heard_start(self, event: tuple[float, Any]) -> None:
-        name, attempt, worker = event[1]
-        self.started[str(name)] = (int(attempt), str(worker), time.monotonic())
+        key, name, attempt, worker = event[1]
+        if key in self._live:
+            self.started[str(key)] = (str(name), int(attempt), str(worker), time.monotonic())
 
-    def submit(self, task: Task) -> Future[Any]:
-        """Send one config to the cluster with the calls it has already recorded."""
+    def submit(self, batches: list[list[Task]]) -> list[Future[Any]]:
+        """Send batches of configs to the cluster, each with the calls its configs recorded."""
         assert self.job is not None
-        recorded = []
-        if self.cache is not None and task.name in self.recorded:
-            recorded = cache.recorded(self.cache, task.name)
-        key = f"{SCRATCH_PREFIX}{self.job.token[:8]}-{next(self._seq)}"
-        future: Future[Any] = self.executor.submit(
-            run_remote, self.job.token, task, recorded, key=key
-        )
-        self.keys[future] = key
-        return future
+        futures = []
+        for batch in batches:
+            recorded = {}
+            if self.cache is not None:
+                for task in batch:
+                    if task.name in self.recorded:
+                        recorded[task.name] = cache.recorded(self.cache, task.name)
+            key = f"{SCRATCH_PREFIX}{self.job.token[:8]}-{next(self._seq)}"
+            future: Future[Any] = self.executor.submit(
+                run_remote, self.job.token, batch, recorded, key=key
+            )
+            self.keys[future] = key
+            self._live.add(key)
+            futures.append(future)
+        return futures
 
     def alive(self) -> bool:
         return bool(self.client.status == "running")
@@ -389,52 +404,71 @@ class DaskPool:
             self._size = (size, now)
         return size
 
-    def collect(self, finished: list[tuple[Future[Any], Task]]) -> list[Outcome]:
-        """The outcomes of finished tasks, each one's files and calls written under output_dir."""
+    def collect(
+        self, finished: list[tuple[Future[Any], list[Task]]]
+    ) -> tuple[list[Outcome], list[Task]]:
+        """The outcomes of finished batches, their files and calls written under output_dir.
+
+        Also the configs to run again one per task: those of a batch that killed every worker
+        it ran on, where any one of them may be the cause.
+        """
         outcomes: list[Outcome] = []
         shipped: list[tuple[Outcome, Shipment]] = []
+        alone: list[Task] = []
         try:
-            for future, task in finished:
-                outcome, shipment = self._outcome(future, task)
-                outcomes.append(outcome)
-                if shipment is not None:
-                    shipped.append((outcome, shipment))
+            for future, batch in finished:
+                pairs = self._outcomes(future, batch)
+                if pairs is None:
+                    alone += batch
+                    continue
+                for outcome, shipment in pairs:
+                    outcomes.append(outcome)
+                    if shipment is not None:
+                        shipped.append((outcome, shipment))
         finally:
             # Even when the scheduler is lost, what did come back is written (and then recovered).
             if len(shipped) > 1:
                 list(self._writers.map(lambda pair: self.land(*pair), shipped))
             elif shipped:
                 self.land(*shipped[0])
-        return outcomes
+        return outcomes, alone
 
-    def _outcome(self, future: Future[Any], task: Task) -> tuple[Outcome, Shipment | None]:
-        self.keys.pop(future, None)
-        self.started.pop(task.name, None)
+    def _outcomes(
+        self, future: Future[Any], batch: list[Task]
+    ) -> list[tuple[Outcome, Shipment | None]] | None:
+        """One batch's outcomes and shipments; None when its configs must each run alone."""
+        self._forget(future)
+        which = f"config {batch[0].name!r}" + (
+            f" (and {len(batch) - 1} more)" if len(batch) > 1 else ""
+        )
         try:
-            outcome, shipment = future.result()
+            pairs = future.result()
         except CancelledError:
             if not self.alive():
                 raise self.lost() from None
             raise ResweepError(
-                f"the Dask cluster cancelled config {task.name!r} (was it restarted?); "
+                f"the Dask cluster cancelled {which} (was it restarted?); "
                 "every finished config is saved, run again"
             ) from None
         except distributed.KilledWorker as error:
+            if len(batch) > 1:
+                return None
             # Dask re-ran it on other workers first: this config kills the workers it runs on.
-            return Outcome(
+            (task,) = batch
+            return [(Outcome(
                 task.name, False, None,
                 f"worker died: {error.allowed_failures + 1} Dask workers died running it",
                 now_iso(), now_iso(), 0.0, task.attempt,
-            ), None  # fmt: skip
+            ), None)]  # fmt: skip
         except Exception as error:
             if not self.alive():
                 raise self.lost() from None
             raise ResweepError(
-                f"a Dask worker could not run config {task.name!r}: {_error_line(error)}; the "
+                f"a Dask worker could not run {which}: {_error_line(error)}; the "
                 "workers need the same Python packages as this machine"
             ) from None
-        assert isinstance(outcome, Outcome) and isinstance(shipment, Shipment)
-        return outcome, shipment
+        assert isinstance(pairs, list) and len(pairs) == len(batch)
+        return pairs
 
     def land(self, outcome: Outcome, shipment: Shipment) -> None:
         """Write a remote config's calls, log and result file, before its outcome is journaled."""
@@ -446,7 +480,14 @@ class DaskPool:
             if shipment.entries and self.cache is not None:
                 cache.record(self.cache, outcome.name, shipment.entries)
                 self.recorded.add(outcome.name)
-            config_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                os.mkdir(config_dir)
+                fresh = True
+            except FileExistsError:
+                fresh = False
+            except FileNotFoundError:
+                config_dir.mkdir(parents=True, exist_ok=True)
+                fresh = False
             if shipment.log or shipment.trace:
                 with open(config_dir / LOG_FILE, "a", encoding="utf-8", errors="replace") as log:
                     log.write(shipment.log)
@@ -455,9 +496,10 @@ class DaskPool:
                             f"--- attempt {outcome.attempt} failed, {outcome.end_time}\n"
                             f"{shipment.trace}"
                         )
-            stale = EXCEPTION_FILE if outcome.ok else RESULT_FILE
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(config_dir / stale)
+            if not fresh:  # only a directory that was there can hold an earlier attempt's file
+                stale = EXCEPTION_FILE if outcome.ok else RESULT_FILE
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(config_dir / stale)
             if outcome.ok:
                 meta = {
                     "attempt": outcome.attempt,
@@ -491,19 +533,27 @@ class DaskPool:
             return waiting
         return []
 
+    def _forget(self, future: Future[Any]) -> str | None:
+        """The key of a task that is no longer out, which stops counting toward timeouts."""
+        key = self.keys.pop(future, None)
+        if key is not None:
+            self._live.discard(key)
+            self.started.pop(key, None)
+        return key
+
     def overdue(self, in_flight: dict[str, Task], timeout_s: float) -> list[tuple[str, str]]:
         """(config, worker) for every config that has run longer than timeout_s on a worker."""
         now = time.monotonic()
         late = []
-        for name, (attempt, worker, heard) in list(self.started.items()):
+        for name, attempt, worker, heard in list(self.started.values()):
             task = in_flight.get(name)
             if task is not None and task.attempt == attempt and now - heard > timeout_s:
                 late.append((name, worker))
         return late
 
     def cancel(self, future: Future[Any]) -> None:
-        """Drop one config's task; a worker already running it is restarted separately."""
-        key = self.keys.pop(future, None)
+        """Drop one batch's task; a worker already running it is restarted separately."""
+        key = self._forget(future)
         future.cancel()
         if key is not None:
             with contextlib.suppress(Exception):
@@ -533,6 +583,7 @@ class DaskPool:
         """Cancel every task of this run still on the cluster (a stop, or an error)."""
         keys = list(self.keys.values())
         self.keys.clear()
+        self._live.clear()
         if keys and self.alive():
             with contextlib.suppress(Exception):
                 self.client.cancel(keys, force=True)
