@@ -14,7 +14,6 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Iterable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,17 +25,15 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from resweep import cache
 from resweep.errors import ResweepError
-from resweep.experiment import Context
 from resweep.runner import (
     STORAGE_ERRNOS,
     Job,
     Outcome,
     Task,
-    _current_log,
     _error_line,
     _faulted,
     _Router,
-    to_plain_result,
+    call_config,
 )
 from resweep.store import (
     CONFIGS_DIR,
@@ -236,11 +233,10 @@ def _execute_remote(
         # A re-run after a lost worker, or a config's second attempt here, starts clean.
         shutil.rmtree(config_dir, ignore_errors=True)
     log = _TextLog(task.attempt)
-    ok, result, error, trace = False, None, remote.setup_error, None
     stats = cache.CallStats()
     handle = None
     entries: list[tuple[str, bytes]] = []
-    log_token = _current_log.set(log)
+    setup_error = remote.setup_error
     try:
         config_dir.mkdir(parents=True, exist_ok=True)
         if job.cache:
@@ -248,29 +244,14 @@ def _execute_remote(
             handle = cache.open_cache(remote.scratch)
             handle.evict(task.name, retry=True)
             cache.record(handle, task.name, recorded)
-        if remote.setup_error is None:
-            ctx = Context(
-                name=task.name,
-                config=task.config,
-                dir=config_dir,
-                shared=job.shared,
-                attempt=task.attempt,
-                log_stream=log,
-            )
-            with cache.scope(remote.scratch if job.cache else None, task.name, "record", stats):
-                raw = job.function(task.config, ctx) if job.takes_ctx else job.function(task.config)
-            result = to_plain_result(raw)
-            ok = True
     except OSError as exc:
         if exc.errno in STORAGE_ERRNOS:  # the worker's disk failed, not the config
             return _faulted(task, start_time, exc), Shipment("", None, [])
-        error = _error_line(exc)
-        trace = "".join(traceback.format_exception(exc))
-    except BaseException as exc:  # SystemExit too: one config's exit must not end the worker
-        error = _error_line(exc)
-        trace = "".join(traceback.format_exception(exc))
-    finally:
-        _current_log.reset(log_token)
+        setup_error = f"cannot prepare the config on this worker: {_error_line(exc)}"
+    call = call_config(job, task, config_dir, log, remote.scratch, stats, setup_error)
+    if isinstance(call, OSError):
+        return _faulted(task, start_time, call), Shipment("", None, [])
+    ok, result, error, trace = call
     duration_s = time.perf_counter() - started
     if handle is not None:
         seeded = {key for key, _ in recorded}

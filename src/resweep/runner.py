@@ -291,6 +291,50 @@ def _error_line(exc: BaseException) -> str:
     return line[:ERROR_LINE_CHARS]
 
 
+def call_config(
+    job: Job,
+    task: Task,
+    config_dir: Path,
+    log: io.TextIOBase,
+    cache_dir: str | os.PathLike[str],
+    stats: cache.CallStats,
+    setup_error: str | None,
+) -> tuple[bool, Any, str | None, str | None] | OSError:
+    """Call the user's function on one config: (ok, result, error line, traceback).
+
+    A full disk or an I/O error is returned instead: the disk failed, not the config.
+    """
+    ok, result, error, trace = False, None, setup_error, None
+    token = _current_log.set(log)
+    try:
+        if setup_error is None:
+            ctx = Context(
+                name=task.name,
+                config=task.config,
+                dir=config_dir,
+                shared=job.shared,
+                attempt=task.attempt,
+                log_stream=log,
+            )
+            with cache.scope(cache_dir if job.cache else None, task.name, "record", stats):
+                raw = job.function(task.config, ctx) if job.takes_ctx else job.function(task.config)
+            result = to_plain_result(raw)
+            ok = True
+    except KeyboardInterrupt:
+        raise
+    except OSError as exc:
+        if exc.errno in STORAGE_ERRNOS:
+            return exc
+        error = _error_line(exc)
+        trace = "".join(traceback.format_exception(exc))
+    except BaseException as exc:  # SystemExit too: one config's exit must not end the run
+        error = _error_line(exc)
+        trace = "".join(traceback.format_exception(exc))
+    finally:
+        _current_log.reset(token)
+    return ok, result, error, trace
+
+
 def execute(job: Job, task: Task, setup_error: str | None = None) -> Outcome:
     """Run one config: its result file is written before the coordinator hears of it."""
     start_time = now_iso()
@@ -309,38 +353,17 @@ def execute(job: Job, task: Task, setup_error: str | None = None) -> Outcome:
     except OSError as exc:
         return _faulted(task, start_time, exc)
     log = _LazyLog(config_dir / LOG_FILE, task.attempt)
-    ok, result, error, trace = False, None, setup_error, None
     stats = cache.CallStats()
-    token = _current_log.set(log)
     _mark(task.name)
     try:
-        if setup_error is None:
-            ctx = Context(
-                name=task.name,
-                config=task.config,
-                dir=config_dir,
-                shared=job.shared,
-                attempt=task.attempt,
-                log_stream=log,
-            )
-            with cache.scope(job.output_dir if job.cache else None, task.name, "record", stats):
-                raw = job.function(task.config, ctx) if job.takes_ctx else job.function(task.config)
-            result = to_plain_result(raw)
-            ok = True
-    except KeyboardInterrupt:
-        raise
-    except OSError as exc:
-        if exc.errno in STORAGE_ERRNOS:  # the disk failed, not the config: stop the run
-            return _faulted(task, start_time, exc)
-        error = _error_line(exc)
-        trace = "".join(traceback.format_exception(exc))
-    except BaseException as exc:  # SystemExit too: one config's exit must not end the run
-        error = _error_line(exc)
-        trace = "".join(traceback.format_exception(exc))
+        call = call_config(job, task, config_dir, log, job.output_dir, stats, setup_error)
     finally:
-        _current_log.reset(token)
         with contextlib.suppress(OSError):
             log.close()
+    if isinstance(call, OSError):
+        _mark("")
+        return _faulted(task, start_time, call)
+    ok, result, error, trace = call
     duration_s = time.perf_counter() - started
     outcome = Outcome(
         task.name, ok, result, error, start_time, now_iso(), duration_s, task.attempt,
