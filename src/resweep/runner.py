@@ -224,6 +224,25 @@ _prepare_lock = threading.Lock()
 _marker_fd: int | None = None
 
 
+# How often a worker process checks that its coordinator is still alive.
+ORPHAN_CHECK_S = 1.0
+_watching: list[int] = []
+
+
+def _watch_coordinator(coordinator_pid: int) -> None:
+    """End this worker soon after its coordinator dies: nobody could record what it does next."""
+    if coordinator_pid in _watching:
+        return
+    _watching.append(coordinator_pid)
+
+    def watch() -> None:
+        while os.getppid() == coordinator_pid:
+            time.sleep(ORPHAN_CHECK_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="resweep-orphan-check", daemon=True).start()
+
+
 def _mark(name: str) -> None:
     """Tell the coordinator which config this worker process runs now ('' for none)."""
     if _marker_fd is not None:
@@ -256,6 +275,7 @@ def _prepare(payload: tuple[str, Any]) -> Job:
                 sys.stdout = _Router(sys.stdout)
                 sys.stderr = _Router(sys.stderr)
             if job.markers_dir is not None:
+                _watch_coordinator(job.coordinator_pid)
                 global _marker_fd
                 if _marker_fd is not None:
                     os.close(_marker_fd)
