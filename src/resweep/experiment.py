@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from resweep.runner import Plan
 
 T = TypeVar("T")
+# The most config names an unknown name is compared with to suggest close ones.
+MAX_SUGGESTION_CANDIDATES = 2000
 BACKENDS = ("loky", "threading", "sequential", "dask")
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -300,7 +302,11 @@ def lookup(state: State, name: str) -> dict[str, Any]:
     if record is None:
         import difflib
 
-        close = difflib.get_close_matches(name, list(state.configs), n=3)
+        names = list(state.configs)
+        if len(names) > MAX_SUGGESTION_CANDIDATES:
+            # difflib over 100,000 names takes seconds: compare with those that start alike.
+            names = [n for n in names if n[:3] == name[:3]][:MAX_SUGGESTION_CANDIDATES]
+        close = difflib.get_close_matches(name, names, n=3)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
         hint = hint or "; the keys under 'configs' in experiment.yaml are the names"
         raise UnknownConfigError(f"no config named {name!r}{hint}")
