@@ -72,6 +72,19 @@ def _wait_started(tmp_path: Path, count: int) -> None:
     raise AssertionError("configs never started")
 
 
+def _finish(tmp_path: Path) -> None:
+    """A plain run after the stop finishes every config."""
+    again = subprocess.run(
+        [sys.executable, "exp.py", "run", "--max-workers", "2", "--noprogress"],
+        cwd=tmp_path,
+        env={**os.environ, "CONFIG_SLEEP_S": "0"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
+
+
 def _statuses(tmp_path: Path) -> dict[str, str]:
     state = yaml.safe_load((tmp_path / "out/experiment.yaml").read_text())
     return {n: r["status"] for n, r in state["configs"].items()}
@@ -90,15 +103,7 @@ def test_ctrl_c_lets_running_configs_finish_then_exits_130(tmp_path: Path) -> No
     assert {n for n, s in statuses.items() if s == "done"} == started
     assert set(statuses.values()) <= {"done", "todo"}
     assert "Traceback" not in err
-    again = subprocess.run(
-        [sys.executable, "exp.py", "run", "--max-workers", "2", "--noprogress"],
-        cwd=tmp_path,
-        env={**os.environ, "CONFIG_SLEEP_S": "0"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert again.returncode == 0, again.stderr
+    _finish(tmp_path)
     assert set(_statuses(tmp_path).values()) == {"done"}
 
 
@@ -131,12 +136,4 @@ def test_sigterm_saves_state_and_exits_143(tmp_path: Path) -> None:
     assert proc.returncode == 143, err
     statuses = _statuses(tmp_path)
     assert set(statuses.values()) <= {"done", "todo"}
-    again = subprocess.run(
-        [sys.executable, "exp.py", "run", "--max-workers", "2", "--noprogress"],
-        cwd=tmp_path,
-        env={**os.environ, "CONFIG_SLEEP_S": "0"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert again.returncode == 0, again.stderr
+    _finish(tmp_path)
