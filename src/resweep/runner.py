@@ -29,6 +29,7 @@ from resweep import cache
 from resweep.errors import ResultError, ResweepError, StorageError
 from resweep.experiment import Context, Experiment, RunReport, select, takes_context
 from resweep.store import (
+    CONFIGS_DIR,
     EXCEPTION_FILE,
     LOG_FILE,
     MARKER_BYTES,
@@ -359,7 +360,7 @@ def execute(job: Job, task: Task, setup_error: str | None = None) -> Outcome:
     """Run one config: its result file is written before the coordinator hears of it."""
     start_time = now_iso()
     started = time.perf_counter()
-    config_dir = Path(job.output_dir, "configs", task.name)
+    config_dir = Path(job.output_dir, CONFIGS_DIR, task.name)
     try:
         try:
             os.mkdir(config_dir)
@@ -1270,10 +1271,10 @@ def _run_locked(
         if markers_dir is not None:
             shutil.rmtree(markers_dir, ignore_errors=True)
     counts = state.counts()
-    summary_missing = not (store.root / "summary.csv").exists()
-    if counts["done"] == len(state.configs) and (scheduler is not None or summary_missing):
-        from resweep import summary
+    from resweep import summary
 
+    summary_missing = not (store.root / summary.SUMMARY_FILE).exists()
+    if counts["done"] == len(state.configs) and (scheduler is not None or summary_missing):
         summary.save_summary(store, force=True, state=state)
     stop = scheduler.stop if scheduler is not None else None
     return RunReport(
