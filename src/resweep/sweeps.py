@@ -382,11 +382,7 @@ def expand(spec: Any, cls: type | None, where: str = "sweep") -> list[Any]:
         raise ConfigError(f"{where}: the sweep file is empty; give base, axes and/or seeds")
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{where}: a sweep file holds a mapping with base, axes and seeds")
-    for key in spec:
-        if key not in _TOP_KEYS:
-            close = difflib.get_close_matches(str(key), _TOP_KEYS, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else "use base, axes, seeds"
-            raise ConfigError(f"{where}: unknown key {key!r}; {hint}")
+    _check_keys(spec, _TOP_KEYS, where, "use base, axes, seeds")
     base = spec.get("base")
     base = {} if base is None else base
     if not isinstance(base, Mapping):
@@ -421,6 +417,15 @@ def expand(spec: Any, cls: type | None, where: str = "sweep") -> list[Any]:
     return configs
 
 
+def _check_keys(mapping: Mapping[Any, Any], allowed: Any, where: str, fallback: str) -> None:
+    """An unknown key is an error that suggests the closest allowed one."""
+    for key in mapping:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), list(allowed), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else fallback
+            raise ConfigError(f"{where}: unknown key {key!r}; {hint}")
+
+
 def _axis_block(
     axis: Any, index: int, cls: type | None, claimed: dict[str, str], where: str
 ) -> list[dict[str, Any]]:
@@ -428,11 +433,7 @@ def _axis_block(
     at = f"{where}: axes[{index}]"
     if not isinstance(axis, Mapping):
         raise ConfigError(f"{at} must be a mapping with mode and params, not {axis!r}")
-    for key in axis:
-        if key not in _AXIS_KEYS:
-            close = difflib.get_close_matches(str(key), _AXIS_KEYS, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else "use mode and params"
-            raise ConfigError(f"{at}: unknown key {key!r}; {hint}")
+    _check_keys(axis, _AXIS_KEYS, at, "use mode and params")
     mode = axis.get("mode", "grid")
     if mode not in _MODES:
         raise ConfigError(f"{at}: mode {mode!r} is neither grid nor zip")
