@@ -55,13 +55,21 @@ class CallStats:
 
 @dataclass
 class _Scope:
-    cache: Any  # diskcache.Cache, or None when caching is off
+    output_dir: str | os.PathLike[str] | None  # None when caching is off
     config: str
     mode: CacheMode
     stats: CallStats
     counts: dict[str, int] = field(default_factory=dict)
     # Threads started with a copied context share this scope.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    handle: Any = None
+
+    def cache(self) -> Any:
+        """The diskcache.Cache, opened at the first cached call: configs that make none pay nothing."""
+        if self.handle is None:
+            assert self.output_dir is not None
+            self.handle = open_cache(self.output_dir)
+        return self.handle
 
 
 _scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
@@ -121,8 +129,7 @@ def scope(
     output_dir: str | os.PathLike[str] | None, config: str, mode: CacheMode, stats: CallStats
 ) -> Iterator[CallStats]:
     """Make cached calls inside this block belong to one config's cache (None: caching off)."""
-    handle = open_cache(output_dir) if output_dir is not None else None
-    token = _scope.set(_Scope(handle, config, mode, stats))
+    token = _scope.set(_Scope(output_dir, config, mode, stats))
     try:
         yield stats
     except BaseException as error:
@@ -335,7 +342,7 @@ def call_cached(
         fn, signature = fn.func, _MISSING
     if fn_name is None:
         fn_name = function_name(fn)
-    if current.cache is None:
+    if current.output_dir is None:
         if current.mode == "replay":
             miss = CacheMiss(
                 f"config {current.config!r}: {_preview(fn_name, args, kwargs)} cannot be "
@@ -350,7 +357,7 @@ def call_cached(
         n = current.counts.get(key, 0) + 1
         current.counts[key] = n
     full_key = f"{current.config}\x1f{n}\x1f{key}"
-    blob = current.cache.get(full_key, default=_MISSING, retry=True)
+    blob = current.cache().get(full_key, default=_MISSING, retry=True)
     if blob is not _MISSING:
         with current.lock:
             current.stats.hits += 1
@@ -379,7 +386,7 @@ def call_cached(
             f"{type(value).__qualname__} that cannot be pickled, so it cannot be recorded: "
             f"{type(error).__name__}: {error}"
         ) from error
-    current.cache.set(full_key, blob, tag=current.config, retry=True)
+    current.cache().set(full_key, blob, tag=current.config, retry=True)
     with current.lock:
         current.stats.misses += 1
     return value
