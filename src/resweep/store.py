@@ -55,9 +55,21 @@ _EXPONENT = re.compile(r"e[-+]\d")
 _SURROGATE_ESCAPE = re.compile(r"\\ud[89a-f]", re.IGNORECASE)
 
 
+# (minute, its local UTC offset): offsets change only on whole minutes, so one lookup a minute.
+_local_offset: tuple[int, datetime.timezone] = (-1, datetime.UTC)
+
+
 def now_iso() -> str:
     """Local wall-clock time with its offset, to the millisecond."""
-    return datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
+    global _local_offset
+    now = time.time()
+    minute = int(now // 60)
+    cached_minute, zone = _local_offset
+    if minute != cached_minute:
+        offset_s = time.localtime(now).tm_gmtoff
+        zone = datetime.timezone(datetime.timedelta(seconds=offset_s))
+        _local_offset = (minute, zone)
+    return datetime.datetime.fromtimestamp(now, zone).isoformat(timespec="milliseconds")
 
 
 def _fix_exponent(match: re.Match[str]) -> str:
