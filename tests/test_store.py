@@ -293,6 +293,18 @@ def test_result_file_round_trip(tmp_path: Path) -> None:
     assert store.read_result(tmp_path / "missing") is None
 
 
+@pytest.mark.parametrize("result", [None, {"loss": 0.5, "note": "ü"}])
+def test_a_result_file_cut_short_reads_as_no_result(tmp_path: Path, result: Any) -> None:
+    """result.yaml is written in place; a crash mid-write must not pass for a result."""
+    store.write_result(tmp_path, result, {"attempt": 1})
+    data = (tmp_path / "result.yaml").read_bytes()
+    for cut in range(len(data)):
+        (tmp_path / "result.yaml").write_bytes(data[:cut])
+        assert store.read_result(tmp_path) is None, data[:cut]
+    (tmp_path / "result.yaml").write_bytes(data)
+    assert store.read_result(tmp_path) == (result, {"attempt": 1})
+
+
 def test_second_lock_is_refused_naming_the_holder(tmp_path: Path) -> None:
     """While one run holds the directory, another is refused with its host and pid."""
     target = Store(tmp_path)

@@ -34,6 +34,8 @@ RESULT_FILE = "result.yaml"
 LOG_FILE = "log.txt"
 EXCEPTION_FILE = "exception.txt"
 RESULT_META_PREFIX = "# resweep: "
+# The meta line's key for the length of the result line, which tells a whole file from a cut one.
+RESULT_BYTES_KEY = "bytes"
 # Where each worker process of a run says which config it is running now.
 WORKERS_DIR = ".workers"
 MARKER_BYTES = 1024
@@ -483,10 +485,27 @@ class Journal:
             os.close(self._fd)
 
 
-def write_result(config_dir: Path, result: Any, meta: dict[str, Any]) -> None:
-    """Write result.yaml atomically; a comment line keeps what a crash recovery needs."""
-    text = f"{RESULT_META_PREFIX}{encode_flow(meta)}\n{encode_flow(result)}\n"
-    write_atomic(config_dir / RESULT_FILE, text, durable=False)
+def write_result(config_dir: str | os.PathLike[str], result: Any, meta: dict[str, Any]) -> str:
+    """Write result.yaml, whose comment line keeps what a crash recovery needs; returns the
+    result's encoded text.
+
+    Written in place, not through a renamed temporary file: the comment line gives the result
+    line's length in bytes, so a file cut short by a crash reads as no result at all.
+    """
+    body = encode_flow(result)
+    data = body.encode("utf-8")
+    meta = {**meta, RESULT_BYTES_KEY: len(data)}
+    head = f"{RESULT_META_PREFIX}{encode_flow(meta)}\n".encode()
+    path = os.path.join(config_dir, RESULT_FILE)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(head + data + b"\n")
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    persisted("result-write")
+    return body
 
 
 def read_result(config_dir: Path) -> tuple[Any, dict[str, Any]] | None:
@@ -499,7 +518,11 @@ def read_result(config_dir: Path) -> tuple[Any, dict[str, Any]] | None:
     if not first.startswith(RESULT_META_PREFIX):
         return None
     try:
-        return decode_flow(rest), json.loads(first.removeprefix(RESULT_META_PREFIX))
+        meta = json.loads(first.removeprefix(RESULT_META_PREFIX))
+        size = meta.pop(RESULT_BYTES_KEY, None) if isinstance(meta, dict) else None
+        if size is not None and (len(rest.encode("utf-8")) != size + 1 or rest[-1:] != "\n"):
+            return None  # cut short by a crash while it was written
+        return decode_flow(rest), meta
     except (ValueError, yaml.YAMLError):
         return None
 
