@@ -529,16 +529,22 @@ class _InlineExecutor:
         return None
 
 
+def _worker_started() -> None:
+    """A loky worker's initializer: unpickling it imports this module while the coordinator
+    still prepares the run."""
+
+
 def _executor(backend: str, max_workers: int) -> Any:
     """A concurrent.futures executor for the backend."""
     if backend == "sequential":
         return _InlineExecutor()
     if backend == "threading":
         return ThreadPoolExecutor(max_workers, thread_name_prefix="resweep")
-    from joblib.externals.loky import get_reusable_executor
+    # joblib's process pool, imported on its own: the joblib package would import numpy into this
+    # process and every worker. Unlike joblib.Parallel(n_jobs=1) it keeps one worker out of process.
+    from loky import get_reusable_executor
 
-    # joblib's process pool; unlike joblib.Parallel(n_jobs=1) it keeps one worker out of process.
-    return get_reusable_executor(max_workers=max_workers)
+    return get_reusable_executor(max_workers=max_workers, initializer=_worker_started)
 
 
 def _shut_down(executor: Any, *, kill: bool) -> None:
@@ -1208,6 +1214,10 @@ def _run_locked(
         if dirty:  # nothing to run and nothing new: a resume of a finished sweep writes nothing
             store.compact(state)
     else:
+        if backend == "loky":
+            # Start the workers now: they import Python and resweep while this process records
+            # the session and compacts the state.
+            _executor(backend, max_workers).submit(_worker_started)
         session, session_record = provenance.new_session(
             experiment.function, backend=backend, max_workers=max_workers
         )
