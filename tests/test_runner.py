@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -443,3 +443,78 @@ def test_resuming_a_finished_sweep_writes_nothing(tmp_path: Path) -> None:
     before = (state.read_bytes(), state.stat().st_mtime_ns)
     assert run(experiment).executed == 0
     assert (state.read_bytes(), state.stat().st_mtime_ns) == before
+
+
+def test_a_finished_sweep_run_again_names_and_runs_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its marker vouches for the unchanged configs: no naming, no state read, no write."""
+    run(make(tmp_path, fine))
+    state = tmp_path / "out" / "experiment.yaml"
+    before = (state.read_bytes(), state.stat().st_mtime_ns)
+
+    def must_not_name(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a finished sweep was named again")
+
+    monkeypatch.setattr("resweep.identity.name_configs", must_not_name)
+    monkeypatch.setattr("resweep.store.Store.read", must_not_name)
+    report = run(make(tmp_path, fine))
+    assert (report.done, report.failed, report.todo, report.executed) == (4, 0, 0, 0)
+    assert (state.read_bytes(), state.stat().st_mtime_ns) == before
+
+
+def test_a_same_size_hand_edit_right_after_a_run_is_honoured(tmp_path: Path) -> None:
+    """done -> todo keeps the file's size and may keep its mtime tick; the marker still sees it."""
+    run(make(tmp_path, fine, CONFIGS[:2]))
+    path = tmp_path / "out" / "experiment.yaml"
+    text = path.read_text(encoding="utf-8")
+    edited = "".join(
+        ln.replace('"status": "done"', '"status": "todo"') if "model=a" in ln else ln
+        for ln in text.splitlines(keepends=True)
+    )
+    assert len(edited) == len(text) and edited != text
+    before = path.stat()
+    with open(path, "r+", encoding="utf-8") as handle:  # in place: same inode
+        handle.write(edited)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # as if within the same tick
+    report = run(make(tmp_path, fine, CONFIGS[:2]))
+    assert report.executed == 1
+    assert calls(tmp_path).count("lr=0.1,model=a 2") == 1
+
+
+def test_a_finished_sweep_with_failures_still_retries_them(tmp_path: Path) -> None:
+    """The marker of a sweep that ended with failed configs does not hide them from
+    retry_failed."""
+    run(make(tmp_path, flaky, CONFIGS[:2]))
+    assert run(make(tmp_path, flaky, CONFIGS[:2])).executed == 0
+    report = run(make(tmp_path, flaky, CONFIGS[:2]), retry_failed=True)
+    assert (report.executed, report.done, report.failed) == (2, 2, 0)
+
+
+def test_a_new_description_reaches_a_finished_sweeps_state(tmp_path: Path) -> None:
+    """name and description are part of what the marker vouches for."""
+    run(make(tmp_path, fine, description="first"))
+    run(make(tmp_path, fine, description="second"))
+    assert make(tmp_path, fine).read_state().description == "second"
+
+
+def _config_class(seed_default: int) -> Any:
+    """The same class, as edited between two runs: only the default of seed differs."""
+    return make_dataclass(
+        "Edited",
+        [("model", str), ("lr", float), ("seed", int, field(default=seed_default))],
+        frozen=True,
+    )
+
+
+def test_a_changed_class_default_renames_configs_of_a_finished_sweep(tmp_path: Path) -> None:
+    """Equal instances under a new default have new names: the marker must not hide them."""
+    old = _config_class(seed_default=0)
+    run(make(tmp_path, fine, [old("a", 0.1, 0)]))
+    new = _config_class(seed_default=1)
+    report = run(make(tmp_path, fine, [new("a", 0.1, 0)]))
+    assert report.executed == 1
+    assert set(make(tmp_path, fine).read_state().configs) == {
+        "lr=0.1,model=a",
+        "lr=0.1,model=a,seed=0",
+    }

@@ -210,12 +210,16 @@ class Experiment:
             )
         if only is not None:
             only = str(only)
-        named = self.named_configs()
         from resweep import runner
 
+        finished = runner.finished_key(self)
+        # A finished sweep run again need not be named: its marker vouches for the names.
+        skip_naming = finished is not None and self.store.finished_path.exists()
+        named = None if skip_naming else self.named_configs()
         return runner.run_experiment(
             self,
             named,
+            finished=finished,
             max_workers=max_workers,
             retry_failed=retry_failed,
             backend=backend,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import io
 import json
+import pickle
 import re
 import types
 import typing
@@ -330,3 +332,64 @@ def name_configs(
         identities[name] = params
         named[name] = (config, full)
     return named
+
+
+# Bump when the canonical form or the default names change: older digests then match nothing.
+NAMING_VERSION = 1
+
+
+class _ClassRecorder(pickle.Pickler):
+    """A pickler that notes every class whose instances it pickles (not builtins, which it
+    never asks about)."""
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.classes: set[type] = set()
+
+    def reducer_override(self, obj: Any) -> Any:
+        self.classes.add(type(obj))
+        return NotImplemented
+
+
+def _class_digest(cls: type) -> str:
+    """What of a class the canonical form depends on: field kinds and defaults, enum values."""
+    parts = [f"{cls.__module__}.{cls.__qualname__}"]
+    if dataclasses.is_dataclass(cls):
+        parts.extend(repr(tuple(info)) for info in _fields_of(cls))
+    elif isinstance(cls, enum.EnumMeta):
+        parts.extend(f"{member.name}={member.value!r}" for member in cls)  # type: ignore[var-annotated]
+    return "\n".join(parts)
+
+
+def configs_digest(configs: Sequence[Any]) -> str | None:
+    """A digest that changes whenever the default names or params of configs could change.
+
+    It costs about a pickling of the list, far less than naming every config, so a run can
+    tell from it that a sweep it already finished is unchanged. None when configs do not pickle.
+    """
+    top: dict[type, int] = {}  # each config's class, by order of first appearance
+    fields_only: dict[type, bool] = {}
+    kinds = []
+    plain = []
+    for config in configs:
+        cls = type(config)
+        kind = top.setdefault(cls, len(top))
+        kinds.append(kind)
+        by_fields = fields_only.get(cls)
+        if by_fields is None:
+            # A dataclass is its class and its fields: pickling its __dict__ is much faster.
+            by_fields = dataclasses.is_dataclass(cls) and hasattr(config, "__dict__")
+            fields_only[cls] = by_fields
+        plain.append(config.__dict__ if by_fields else config)
+    buffer = io.BytesIO()
+    recorder = _ClassRecorder(buffer)
+    try:
+        recorder.dump((kinds, plain))
+        nested = sorted(_class_digest(cls) for cls in recorder.classes)
+        classes = [_class_digest(cls) for cls in top]
+    except Exception:
+        return None
+    digest = hashlib.sha256(f"resweep naming {NAMING_VERSION}\n".encode())
+    digest.update("\n".join([*classes, "--", *nested]).encode())
+    digest.update(buffer.getbuffer())
+    return digest.hexdigest()

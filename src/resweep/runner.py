@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import dataclasses
 import errno
+import hashlib
 import io
 import json
 import os
@@ -19,13 +20,13 @@ import traceback
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from resweep import cache
+from resweep import cache, identity
 from resweep.errors import ResultError, ResweepError, StorageError
 from resweep.experiment import Context, Experiment, RunReport, select, takes_context
 from resweep.store import (
@@ -39,6 +40,7 @@ from resweep.store import (
     State,
     Store,
     disable_crash_hook,
+    encode_flow,
     now_iso,
     read_markers,
     read_result,
@@ -1116,9 +1118,25 @@ def plan(
     return result
 
 
+def finished_key(experiment: Experiment) -> str | None:
+    """What a finished sweep's marker must match: its configs, default names, name, description.
+
+    None when the configs come from the state file or from config_naming, which no digest
+    of the configs can vouch for.
+    """
+    configs = experiment.configs
+    if not isinstance(configs, Sequence) or experiment.config_naming is not None:
+        return None
+    digest = identity.configs_digest(configs)
+    if digest is None:
+        return None
+    about = encode_flow([experiment.name, experiment.description])
+    return f"{digest}.{hashlib.sha256(about.encode()).hexdigest()[:16]}"
+
+
 def run_experiment(
     experiment: Experiment,
-    named: dict[str, tuple[Any, dict[str, Any]]],
+    named: dict[str, tuple[Any, dict[str, Any]]] | None,
     *,
     max_workers: int,
     retry_failed: bool,
@@ -1129,8 +1147,13 @@ def run_experiment(
     break_lock: bool,
     scheduler: str | None,
     rerun_changed: bool = False,
+    finished: str | None = None,
 ) -> RunReport:
-    """One run: take the lock, bring the state up to date, run what is pending, compact."""
+    """One run: take the lock, bring the state up to date, run what is pending, compact.
+
+    named None: name the configs only if the finished marker does not match `finished`, the
+    key the caller got from finished_key.
+    """
     if backend == "dask":
         import importlib.util
 
@@ -1153,6 +1176,18 @@ def run_experiment(
     try:
         store.ensure_dir()
         with store.lock(break_lock=break_lock):
+            if finished is not None and only is None and not rerun_changed:
+                counts = store.finished_counts(finished)
+                if counts is not None and not (retry_failed and counts["failed"]):
+                    # The sweep this state finished is unchanged: nothing to name, read or run.
+                    return RunReport(
+                        done=counts["done"],
+                        failed=counts["failed"],
+                        todo=counts["todo"] + counts["running"],
+                        interrupted=0,
+                    )
+            if named is None:
+                named = experiment.named_configs()
             return _run_locked(
                 experiment,
                 named,
@@ -1165,6 +1200,7 @@ def run_experiment(
                 progress=progress,
                 rerun_changed=rerun_changed,
                 scheduler_address=scheduler,
+                finished=finished,
             )
     except OSError as error:
         if error.errno not in STORAGE_ERRNOS:
@@ -1189,6 +1225,7 @@ def _run_locked(
     progress: bool,
     rerun_changed: bool,
     scheduler_address: str | None = None,
+    finished: str | None = None,
 ) -> RunReport:
     from resweep import provenance
 
@@ -1214,6 +1251,7 @@ def _run_locked(
         if dirty:  # nothing to run and nothing new: a resume of a finished sweep writes nothing
             store.compact(state)
     else:
+        store.forget_finished()
         if backend == "loky":
             # Start the workers now: they import Python and resweep while this process records
             # the session and compacts the state.
@@ -1286,6 +1324,8 @@ def _run_locked(
     summary_missing = not (store.root / summary.SUMMARY_FILE).exists()
     if counts["done"] == len(state.configs) and (scheduler is not None or summary_missing):
         summary.save_summary(store, force=True, state=state)
+    if finished is not None and not (counts["todo"] or counts["running"]):
+        store.mark_finished(finished, counts)
     stop = scheduler.stop if scheduler is not None else None
     return RunReport(
         done=counts["done"],

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ STATUSES: tuple[Status, ...] = ("todo", "running", "done", "failed")
 
 STATE_FILE = "experiment.yaml"
 JOURNAL_FILE = "journal.jsonl"
+# Left by a run after which nothing was left to run: the next run can skip naming and reading.
+FINISHED_FILE = ".finished.json"
 LOCK_FILE = ".lock"
 RUN_FILE = "run.json"
 CONFIGS_DIR = "configs"
@@ -613,6 +616,7 @@ class Store:
         self.root = Path(output_dir).absolute()
         self.state_path = self.root / STATE_FILE
         self.journal_path = self.root / JOURNAL_FILE
+        self.finished_path = self.root / FINISHED_FILE
         self.configs_dir = self.root / CONFIGS_DIR
         # What the last read() found left running by a run that is gone (it reads them settled).
         self.left_running: list[str] = []
@@ -640,6 +644,47 @@ class Store:
                 f"output_dir {self.root} is not writable; fix its permissions or give another "
                 "output_dir (status and show only read it)"
             )
+
+    def _state_version(self) -> list[int] | None:
+        """The state file's inode, mtime and size, and a checksum: an edit within the same
+        clock tick keeps the first three."""
+        try:
+            version = _file_version(self.state_path)
+            checksum = zlib.crc32(self.state_path.read_bytes())
+        except OSError:
+            return None
+        return [*version, checksum]
+
+    def mark_finished(self, key: str, counts: dict[str, int]) -> None:
+        """Remember that with the configs behind key, this very state file left nothing to run."""
+        version = self._state_version()
+        if version is None or self.journal_path.exists():
+            return
+        record = {"configs": key, "state": version, "counts": counts}
+        write_atomic(self.finished_path, json.dumps(record) + "\n", durable=False)
+
+    def finished_counts(self, key: str) -> dict[str, int] | None:
+        """The counts mark_finished saw, if neither the configs nor the state changed since."""
+        try:
+            record = json.loads(self.finished_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("configs") != key:
+            return None
+        # A hand edit or any write gives the state file a new inode, mtime or size.
+        if self.journal_path.exists() or record.get("state") != self._state_version():
+            return None
+        counts = record.get("counts")
+        if not isinstance(counts, dict) or set(counts) != set(STATUSES):
+            return None
+        if not all(type(n) is int and n >= 0 for n in counts.values()):
+            return None
+        return counts
+
+    def forget_finished(self) -> None:
+        """A run that will change the state first drops the marker that vouches for the old one."""
+        with contextlib.suppress(FileNotFoundError):
+            self.finished_path.unlink()
 
     def read(self) -> State:
         """The state file with the journal applied on top: what a reader should believe."""
