@@ -24,7 +24,7 @@ from resweep.store import now_iso
 # Distributions whose versions every session records, imported or not.
 TRACKED_DISTRIBUTIONS = (
     *("resweep", "pyyaml", "fire", "tqdm", "pandas", "joblib", "cloudpickle", "diskcache"),
-    "filelock",
+    *("filelock", "loky"),
 )
 GIT_TIMEOUT_S = 5.0
 # Hex digits kept of each of the fingerprint's two digests.
@@ -47,11 +47,14 @@ def _versions() -> dict[str, str]:
     found = {}
     with contextlib.suppress(Exception):  # broken metadata must never stop a run
         for dist in metadata.distributions():
-            name = dist.metadata["Name"]
+            # The name from the dist-info folder's name: parsing METADATA costs a millisecond,
+            # so only the distributions kept below pay it (for their version).
+            name = getattr(dist, "_normalized_name", None) or dist.metadata["Name"]
             if not name:
                 continue
-            if _normalize(name) in tracked or imported.intersection(_top_level(dist)):
-                found[_normalize(name)] = dist.version
+            key = _normalize(name)
+            if key not in found and (key in tracked or imported.intersection(_top_level(dist))):
+                found[key] = dist.version
     return {"python": platform.python_version(), **dict(sorted(found.items()))}
 
 
