@@ -41,18 +41,32 @@ class WorkerSetup:
 class Context:
     """What one run of one config sees: its name, directory, shared context and logger."""
 
-    __slots__ = ("_log", "_log_stream", "attempt", "config", "dir", "name", "shared")
+    __slots__ = ("_dir", "_log", "_log_stream", "attempt", "config", "name", "shared")
 
     def __init__(
-        self, *, name: str, config: Any, dir: Path, shared: Any, attempt: int, log_stream: Any
+        self,
+        *,
+        name: str,
+        config: Any,
+        dir: str | os.PathLike[str],
+        shared: Any,
+        attempt: int,
+        log_stream: Any,
     ) -> None:
         self.name = name
         self.config = config
-        self.dir = dir
+        self._dir = dir
         self.shared = shared
         self.attempt = attempt
         self._log_stream = log_stream
         self._log: logging.Logger | None = None
+
+    @property
+    def dir(self) -> Path:
+        """The config's own directory, for its artifacts (made a Path when first asked for)."""
+        if not isinstance(self._dir, Path):
+            self._dir = Path(self._dir)
+        return self._dir
 
     @property
     def log(self) -> logging.Logger:

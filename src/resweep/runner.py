@@ -148,7 +148,7 @@ _current_log: contextvars.ContextVar[io.TextIOBase | None] = contextvars.Context
 class _LazyLog(io.TextIOBase):
     """A config's log.txt, opened on first write so that silent configs cost no file."""
 
-    def __init__(self, path: Path, attempt: int) -> None:
+    def __init__(self, path: str | os.PathLike[str], attempt: int) -> None:
         self._path = path
         self._attempt = attempt
         self._handle: io.TextIOWrapper | None = None
@@ -317,7 +317,7 @@ def _error_line(exc: BaseException) -> str:
 def call_config(
     job: Job,
     task: Task,
-    config_dir: Path,
+    config_dir: str | os.PathLike[str],
     log: io.TextIOBase,
     cache_dir: str | os.PathLike[str],
     stats: cache.CallStats,
@@ -362,7 +362,8 @@ def execute(job: Job, task: Task, setup_error: str | None = None) -> Outcome:
     """Run one config: its result file is written before the coordinator hears of it."""
     start_time = now_iso()
     started = time.perf_counter()
-    config_dir = Path(job.output_dir, CONFIGS_DIR, task.name)
+    # A string, not a Path: ctx.dir becomes one only if the function asks for it.
+    config_dir = f"{job.output_dir}{os.sep}{CONFIGS_DIR}{os.sep}{task.name}"
     try:
         try:
             os.mkdir(config_dir)
@@ -372,10 +373,10 @@ def execute(job: Job, task: Task, setup_error: str | None = None) -> Outcome:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(config_dir, stale))
         except FileNotFoundError:
-            config_dir.mkdir(parents=True, exist_ok=True)
+            os.makedirs(config_dir, exist_ok=True)
     except OSError as exc:
         return _faulted(task, start_time, exc)
-    log = _LazyLog(config_dir / LOG_FILE, task.attempt)
+    log = _LazyLog(os.path.join(config_dir, LOG_FILE), task.attempt)
     stats = cache.CallStats()
     _mark(task.name)
     try:
@@ -399,9 +400,9 @@ def execute(job: Job, task: Task, setup_error: str | None = None) -> Outcome:
             meta.update(session=job.session, fingerprint=job.fingerprint)
             write_result(config_dir, result, meta)
         elif trace is not None:
-            write_atomic(config_dir / EXCEPTION_FILE, trace, durable=False)
+            write_atomic(Path(config_dir, EXCEPTION_FILE), trace, durable=False)
             # log.txt keeps every attempt's traceback; exception.txt only the last one.
-            with open(config_dir / LOG_FILE, "a", encoding="utf-8") as handle:
+            with open(os.path.join(config_dir, LOG_FILE), "a", encoding="utf-8") as handle:
                 handle.write(f"--- attempt {task.attempt} failed, {now_iso()}\n{trace}")
     except OSError as exc:
         if exc.errno not in STORAGE_ERRNOS:
@@ -664,12 +665,15 @@ class _Scheduler:
     def _start(self, batch: list[Task]) -> None:
         """Record a batch as running before any of it can run."""
         start_time = now_iso()
+        configs = self.recorder.state.configs
+        by_attempt: dict[int, list[str]] = {}
         for task in batch:
-            task.attempt = self.recorder.state.configs[task.name]["attempts"] + 1
-            fields = {"status": "running", "attempts": task.attempt, "start_time": start_time}
-            fields["end_time"] = None
-            self.recorder.update(task.name, fields)
+            task.attempt = configs[task.name]["attempts"] + 1
+            by_attempt.setdefault(task.attempt, []).append(task.name)
             self.in_flight[task.name] = task
+        for attempt, names in by_attempt.items():
+            fields = {"status": "running", "attempts": attempt, "start_time": start_time}
+            self.recorder.update_same(names, {**fields, "end_time": None})
         # Written, not yet synced: a crash now still shows these configs as running.
         self.recorder.write(sync=False)
 

@@ -153,6 +153,15 @@ def _yaml_flow(value: Any) -> str:
     return text.removesuffix("\n").removesuffix("\n...")
 
 
+def encode_line(value: Any) -> str:
+    """One line that decode_flow reads back as value, for files only resweep reads (the journal,
+    result.yaml's meta line): plain JSON, without encode_flow's care for YAML readers."""
+    try:
+        return _encode_json(value)
+    except ValueError:  # NaN or infinity: only YAML spells them
+        return encode_flow(value)
+
+
 def decode_flow(text: str) -> Any:
     """Read back what encode_flow wrote, or a hand edit of it."""
     try:
@@ -452,7 +461,16 @@ class Journal:
         """Queue a change; it reaches the file at the next write()."""
         with self._lock:
             self.seq += 1
-            self._pending.append((encode_flow([self.seq, name, fields]) + "\n").encode("utf-8"))
+            self._pending.append((encode_line([self.seq, name, fields]) + "\n").encode("utf-8"))
+
+    def append_same(self, names: list[str], fields: dict[str, Any]) -> None:
+        """Queue the same change to many configs, with fields encoded once for all of them."""
+        text = encode_line(fields)
+        with self._lock:
+            for name in names:
+                self.seq += 1
+                line = f"[{self.seq}, {encode_line(name)}, {text}]\n"
+                self._pending.append(line.encode("utf-8"))
 
     def write(self, *, sync: bool) -> None:
         """Hand queued changes to the OS in one write; with sync, to the disk too."""
@@ -498,7 +516,7 @@ def write_result(config_dir: str | os.PathLike[str], result: Any, meta: dict[str
     body = encode_flow(result)
     data = body.encode("utf-8")
     meta = {**meta, RESULT_BYTES_KEY: len(data)}
-    head = f"{RESULT_META_PREFIX}{encode_flow(meta)}\n".encode()
+    head = f"{RESULT_META_PREFIX}{encode_line(meta)}\n".encode()
     path = os.path.join(config_dir, RESULT_FILE)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -855,6 +873,14 @@ class Recorder:
         with self._lock:
             self.state.configs[name].update(fields)
             self.journal.append(name, fields)
+
+    def update_same(self, names: list[str], fields: dict[str, Any]) -> None:
+        """update() of many configs with the same fields, which are encoded once."""
+        with self._lock:
+            configs = self.state.configs
+            for name in names:
+                configs[name].update(fields)
+            self.journal.append_same(names, fields)
 
     def write(self, *, sync: bool) -> None:
         """Group commit: every queued change in one write, and with sync one fdatasync."""
