@@ -7,7 +7,16 @@ import os
 import sys
 import time
 
-from harness import Workdir, describe, heading, interleaved, machine, ratio, verdict
+from harness import (
+    Workdir,
+    compile_resweep,
+    describe,
+    heading,
+    interleaved,
+    machine,
+    ratio,
+    verdict,
+)
 
 N_CONFIGS = int(os.environ.get("RESWEEP_BENCH_DASK_N", "2000"))
 WORKERS = 2
@@ -24,6 +33,7 @@ def main() -> None:
     import resweep
 
     heading(f"dask overhead: {N_CONFIGS} no-op configs, LocalCluster of {WORKERS} workers")
+    compile_resweep()
     print(machine())
     cluster = distributed.LocalCluster(
         n_workers=WORKERS,

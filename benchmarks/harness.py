@@ -168,12 +168,24 @@ def heading(title: str) -> None:
     print(f"\n== {title} ==", flush=True)
 
 
+def compile_resweep() -> None:
+    """Byte-compile resweep, as installing it does. An editable install under
+    PYTHONDONTWRITEBYTECODE would otherwise compile it from source in every process, a cost
+    that no peer installed from a wheel pays."""
+    import compileall
+
+    import resweep
+
+    compileall.compile_dir(os.path.dirname(resweep.__file__), quiet=1)
+
+
 def machine() -> str:
     """One line about where the figures come from."""
     import platform
 
     load = os.getloadavg()
+    where = os.environ.get("RESWEEP_BENCH_DIR") or tempfile.gettempdir()
     return (
         f"{os.cpu_count()} cpus, python {platform.python_version()}, "
-        f"load average {load[0]:.2f} at start, repeat {REPEAT}"
+        f"load average {load[0]:.2f} at start, repeat {REPEAT}, scratch in {where}"
     )

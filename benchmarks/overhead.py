@@ -11,6 +11,7 @@ from harness import (
     RESWEEP_SCRIPT,
     Workdir,
     check,
+    compile_resweep,
     describe,
     heading,
     interleaved,
@@ -54,6 +55,7 @@ if __name__ == "__main__":
 
 def main() -> None:
     heading(f"overhead: {N_CONFIGS} no-op configs, {WORKERS} workers, whole processes")
+    compile_resweep()
     print(machine())
     with Workdir() as work:
         exp = work.script("exp.py", RESWEEP_SCRIPT)

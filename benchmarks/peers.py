@@ -10,6 +10,7 @@ from harness import (
     RESWEEP_SCRIPT,
     Workdir,
     check,
+    compile_resweep,
     describe,
     heading,
     interleaved,
@@ -90,6 +91,7 @@ def _installed(module: str) -> bool:
 
 def main() -> None:
     heading("peers: exca MapInfra and Optuna, whole processes")
+    compile_resweep()
     print(machine())
     with Workdir() as work:
         exp = work.script("exp.py", RESWEEP_SCRIPT)

@@ -10,6 +10,7 @@ from harness import (
     RESWEEP_SCRIPT,
     Workdir,
     check,
+    compile_resweep,
     describe,
     heading,
     machine,
@@ -37,6 +38,7 @@ assert len(state["configs"]) > 0
 
 def main() -> None:
     heading(f"scale: {', '.join(map(str, SIZES))} no-op configs, {WORKERS} workers")
+    compile_resweep()
     print(machine())
     per_config: dict[int, list[float]] = {}
     peak_mb: dict[int, list[float]] = {}
