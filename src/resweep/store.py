@@ -506,9 +506,8 @@ class Journal:
             os.close(self._fd)
 
 
-def write_result(config_dir: str | os.PathLike[str], result: Any, meta: dict[str, Any]) -> str:
-    """Write result.yaml, whose comment line keeps what a crash recovery needs; returns the
-    result's encoded text.
+def write_result(config_dir: str | os.PathLike[str], result: Any, meta: dict[str, Any]) -> None:
+    """Write result.yaml, whose comment line keeps what a crash recovery needs.
 
     Written in place, not through a renamed temporary file: the comment line gives the result
     line's length in bytes, so a file cut short by a crash reads as no result at all.
@@ -526,7 +525,6 @@ def write_result(config_dir: str | os.PathLike[str], result: Any, meta: dict[str
     finally:
         os.close(fd)
     persisted("result-write")
-    return body
 
 
 def read_result(config_dir: Path) -> tuple[Any, dict[str, Any]] | None:
