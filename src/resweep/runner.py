@@ -550,9 +550,8 @@ def _executor(backend: str, max_workers: int) -> Any:
     return get_reusable_executor(max_workers=max_workers, initializer=_worker_started)
 
 
-def _shut_down(executor: Any, *, kill: bool, release: bool = False) -> None:
-    """Stop a pool; with kill, running configs are stopped too where the backend can; with
-    release, an idle process pool lets its workers go without waiting for them."""
+def _shut_down(executor: Any, *, kill: bool) -> None:
+    """Stop a pool; with kill, running configs are stopped too where the backend can."""
     with contextlib.suppress(Exception):
         if isinstance(executor, ThreadPoolExecutor):
             # Threads cannot be killed: queued batches are dropped, running ones finish.
@@ -560,10 +559,6 @@ def _shut_down(executor: Any, *, kill: bool, release: bool = False) -> None:
         elif kill:
             # wait=True: the workers are dead before anything is settled.
             executor.shutdown(wait=True, kill_workers=True)
-        elif release:
-            # The run is over: workers exit (freeing what per_worker loaded) while this
-            # process writes the state and the summary.
-            executor.shutdown(wait=False)
 
 
 def _death_reason(error: BaseException) -> str:
@@ -961,11 +956,7 @@ class _Scheduler:
                 if executor is not None:
                     # Work still in flight means a hard stop or an error: stop it before settling,
                     # so that nothing finishes after it was recorded as todo.
-                    _shut_down(
-                        executor,
-                        kill=bool(self.futures) or self.stop.hard,
-                        release=self.backend == "loky",
-                    )
+                    _shut_down(executor, kill=bool(self.futures) or self.stop.hard)
                 self.bar.close()
                 self._settle_in_flight()
         if self.fault is not None:
