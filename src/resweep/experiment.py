@@ -226,10 +226,9 @@ class Experiment:
             only = str(only)
         from resweep import runner
 
-        finished = runner.finished_key(self)
         # A finished sweep run again need not be named: its marker vouches for the names.
-        skip_naming = finished is not None and self.store.finished_path.exists()
-        named = None if skip_naming else self.named_configs()
+        finished = runner.finished_key(self) if self.store.finished_path.exists() else None
+        named = None if finished is not None else self.named_configs()
         return runner.run_experiment(
             self,
             named,

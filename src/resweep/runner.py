@@ -673,7 +673,8 @@ class _Scheduler:
             self.in_flight[task.name] = task
         for attempt, names in by_attempt.items():
             fields = {"status": "running", "attempts": attempt, "start_time": start_time}
-            self.recorder.update_same(names, {**fields, "end_time": None})
+            fields["end_time"] = None
+            self.recorder.update_same(names, fields)
         # Written, not yet synced: a crash now still shows these configs as running.
         self.recorder.write(sync=False)
 
@@ -1328,8 +1329,10 @@ def _run_locked(
     summary_missing = not (store.root / summary.SUMMARY_FILE).exists()
     if counts["done"] == len(state.configs) and (scheduler is not None or summary_missing):
         summary.save_summary(store, force=True, state=state)
-    if finished is not None and not (counts["todo"] or counts["running"]):
-        store.mark_finished(finished, counts)
+    if not (counts["todo"] or counts["running"]):
+        key = finished if finished is not None else finished_key(experiment)
+        if key is not None:
+            store.mark_finished(key, counts)
     stop = scheduler.stop if scheduler is not None else None
     return RunReport(
         done=counts["done"],
