@@ -47,10 +47,11 @@ def test_contract_names_are_exported() -> None:
 
 
 def test_import_resweep_does_not_import_heavy_dependencies() -> None:
-    """`import resweep` in a fresh process leaves pandas, joblib and diskcache unimported."""
+    """`import resweep` in a fresh process leaves pandas, joblib, diskcache and PyYAML unimported:
+    every worker process pays for what it imports before it runs a config."""
     code = (
         "import sys, resweep\n"
-        "heavy = [m for m in ('pandas', 'joblib', 'diskcache', 'numpy') if m in sys.modules]\n"
+        "heavy = [m for m in ('pandas', 'joblib', 'diskcache', 'numpy', 'yaml') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,8 +10,6 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import yaml
-
 from resweep import provenance
 from resweep.errors import CacheMiss, ResweepError
 from resweep.experiment import lookup
@@ -230,6 +228,8 @@ class CLI:
                 record["fingerprint"], provenance.fingerprint(self._experiment.function)
             )
             shown["code"] = "matches the current code" if why is None else f"differs, {why}"
+        import yaml
+
         print(yaml.safe_dump(shown, sort_keys=False, allow_unicode=True, width=100).rstrip())
 
 

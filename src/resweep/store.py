@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from resweep.errors import LockedError, StateError
 
 # Bumped whenever the state file changes shape; older versions stay readable.
@@ -50,14 +48,31 @@ _HEADER = (
 # The last line of a state file: what follows it, or its absence, shows a damaged end.
 _TRAILER = "# end of state: "
 _TRAILER_LINE = re.compile(r"# end of state: \d+ configs\n")
-_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_YAML_DUMPER: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 # Numbers such as 1e-05 that YAML 1.1 would read as strings; they get a ".0".
 _BARE_EXPONENT = re.compile(r'("(?:[^"\\]|\\.)*")|(?<![\w.])(-?\d+)([eE][-+]?\d+)')
 # A float's repr always signs its exponent (1e-05), so text without "e-" or "e+" needs no fix;
 # a string that merely looks so costs the full pass, which leaves strings alone.
 _EXPONENT = re.compile(r"e[-+]\d")
 _SURROGATE_ESCAPE = re.compile(r"\\ud[89a-f]", re.IGNORECASE)
+
+
+def _yaml() -> Any:
+    """PyYAML, imported at first use: a run writes and reads its own files as JSON lines, and
+    the import would add about 25 ms to the start of the coordinator and of every worker."""
+    import yaml
+
+    return yaml
+
+
+def _yaml_load(text: str) -> Any:
+    yaml = _yaml()
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def _yaml_error() -> type[Exception]:
+    """PyYAML's error class, for except clauses: evaluated only once something was raised."""
+    error: type[Exception] = _yaml().YAMLError
+    return error
 
 
 # (minute, its local UTC offset): offsets change only on whole minutes, so one lookup a minute.
@@ -147,8 +162,13 @@ def encode_flow(value: Any) -> str:
 
 
 def _yaml_flow(value: Any) -> str:
+    yaml = _yaml()
     text: str = yaml.dump(
-        value, Dumper=_YAML_DUMPER, default_flow_style=True, width=2**31 - 1, allow_unicode=False
+        value,
+        Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper),
+        default_flow_style=True,
+        width=2**31 - 1,
+        allow_unicode=False,
     )
     return text.removesuffix("\n").removesuffix("\n...")
 
@@ -167,7 +187,7 @@ def decode_flow(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:
-        return yaml.load(text, Loader=_YAML_LOADER)
+        return _yaml_load(text)
 
 
 @dataclass
@@ -264,7 +284,7 @@ def _parse_fast(text: str) -> dict[str, Any] | None:
             try:
                 configs.update(json.loads("{" + ln + "}"))
             except ValueError:
-                entry = yaml.load(ln, Loader=_YAML_LOADER)
+                entry = _yaml_load(ln)
                 if not isinstance(entry, dict):
                     return None
                 configs.update(entry)
@@ -288,12 +308,12 @@ def parse_state(text: str, path: Path) -> State:
         )
     try:
         data = _parse_fast(text)
-    except yaml.YAMLError:
+    except _yaml_error():
         data = None
     if data is None:
         try:
-            data = yaml.load(text, Loader=_YAML_LOADER)
-        except yaml.YAMLError as error:
+            data = _yaml_load(text)
+        except _yaml_error() as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise StateError(
@@ -427,7 +447,7 @@ def read_journal(path: Path, after_seq: int) -> list[tuple[int, str, dict[str, A
             continue
         try:
             seq, name, fields = decode_flow(line.decode("utf-8"))
-        except (ValueError, TypeError, yaml.YAMLError):
+        except (ValueError, TypeError, _yaml_error()):
             if index != len(lines) - 1:
                 warnings.warn(f"{path}: skipped unreadable line {index + 1}", stacklevel=2)
             continue
@@ -542,7 +562,7 @@ def read_result(config_dir: Path) -> tuple[Any, dict[str, Any]] | None:
         if size is not None and (len(rest.encode("utf-8")) != size + 1 or rest[-1:] != "\n"):
             return None  # cut short by a crash while it was written
         return decode_flow(rest), meta
-    except (ValueError, yaml.YAMLError):
+    except (ValueError, _yaml_error()):
         return None
 
 
