@@ -364,3 +364,39 @@ def test_garbage_after_the_closing_line_sends_show_to_the_full_reader(tmp_path: 
         handle.write("configs: [oops\n")
     with pytest.raises(StateError):
         target.read_one("a")
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Paris", "America/St_Johns", "Asia/Kolkata"])
+def test_now_iso_reads_as_datetime_writes_it_to_the_millisecond(
+    zone: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """now_iso formats each second once; every call still names the instant datetime names, to
+    the millisecond, with the offset in force then: across daylight-saving changes, half-hour
+    offsets and microseconds that round into the next second."""
+    import datetime
+    import random
+    import time
+
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    monkeypatch.setattr(store, "_second_text", (-1, "", ""))
+    rng = random.Random(7)
+    # 2024-03-31 01:00 UTC: Paris moves from +01:00 to +02:00.
+    moments = [1711846799.9995, 1711846799.9999996, 1711846800.0004, 1711846800.5]
+    moments += [rng.uniform(0, 2e9) for _ in range(2000)]
+    moments += [s + 0.9999996 for s in range(1_700_000_000, 1_700_000_200)]
+    try:
+        for moment in moments:
+            monkeypatch.setattr(time, "time", lambda moment=moment: moment)
+            offset = datetime.timedelta(seconds=time.localtime(moment).tm_gmtoff)
+            local = datetime.datetime.fromtimestamp(moment, datetime.timezone(offset))
+            expected = datetime.datetime.fromisoformat(local.isoformat(timespec="milliseconds"))
+            text = store.now_iso()
+            written = datetime.datetime.fromisoformat(text)
+            assert written == expected, moment  # the same instant, to the millisecond
+            in_force = time.localtime(written.timestamp()).tm_gmtoff
+            assert written.utcoffset() == datetime.timedelta(seconds=in_force), moment
+            assert len(text) == len(local.isoformat(timespec="milliseconds")), text
+    finally:
+        monkeypatch.undo()
+        time.tzset()
