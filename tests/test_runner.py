@@ -518,3 +518,32 @@ def test_a_changed_class_default_renames_configs_of_a_finished_sweep(tmp_path: P
         "lr=0.1,model=a",
         "lr=0.1,model=a,seed=0",
     }
+
+
+def worker_pid(config: dict[str, int]) -> dict[str, int]:
+    return {"pid": os.getpid()}
+
+
+def _worker_pids(experiment: resweep.Experiment) -> set[int]:
+    return {record["result"]["pid"] for record in experiment.store.read().configs.values()}
+
+
+def test_workers_stay_for_the_next_run_unless_the_process_ends_with_this_one(
+    tmp_path: Path,
+) -> None:
+    """In a notebook the worker pool stays warm from one run to the next; the command line,
+    whose process ends with the run, lets the workers go once the last config is recorded."""
+    from resweep.runner import pool_released_at_end
+
+    def sweep(name: str) -> resweep.Experiment:
+        configs = [{"i": i} for i in range(6)]
+        return resweep.Experiment(function=worker_pid, configs=configs, output_dir=tmp_path / name)
+
+    first, second, last, after = sweep("first"), sweep("second"), sweep("last"), sweep("after")
+    first.run(2, progress=False)
+    second.run(2, progress=False)
+    assert _worker_pids(first) & _worker_pids(second)  # the same processes ran both
+    with pool_released_at_end():
+        assert last.run(2, progress=False).done == 6
+    after.run(2, progress=False)
+    assert not _worker_pids(last) & _worker_pids(after)  # the next run needed new workers

@@ -104,17 +104,20 @@ class CLI:
                 ).describe()
             )
             return
-        report = self._experiment.run(
-            max_workers,
-            retry_failed=retry_failed,
-            backend=backend,
-            only=only,
-            fresh=fresh,
-            progress=progress,
-            break_lock=break_lock,
-            scheduler=scheduler,
-            rerun_changed=rerun_changed,
-        )
+        from resweep.runner import pool_released_at_end
+
+        with pool_released_at_end():  # this process ends with the run
+            report = self._experiment.run(
+                max_workers,
+                retry_failed=retry_failed,
+                backend=backend,
+                only=only,
+                fresh=fresh,
+                progress=progress,
+                break_lock=break_lock,
+                scheduler=scheduler,
+                rerun_changed=rerun_changed,
+            )
         print(
             f"done {report.done}, failed {report.failed}, todo {report.todo}"
             + (f", interrupted {report.interrupted} ({report.signal})" if report.signal else "")

@@ -549,6 +549,23 @@ def _worker_started() -> None:
     still prepares the run."""
 
 
+# Set by the command line, whose process ends when the run does.
+_release_pool: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "resweep_release_pool", default=False
+)
+
+
+@contextlib.contextmanager
+def pool_released_at_end() -> Iterator[None]:
+    """Within it, a run that finishes cleanly lets its worker pool go at once, rather than keep
+    it warm for a next run in the same process: their exit then overlaps the final writes."""
+    token = _release_pool.set(True)
+    try:
+        yield
+    finally:
+        _release_pool.reset(token)
+
+
 def _executor(backend: str, max_workers: int) -> Any:
     """A concurrent.futures executor for the backend."""
     if backend == "sequential":
@@ -979,6 +996,10 @@ class _Scheduler:
                     # Work still in flight means a hard stop or an error: stop it before settling,
                     # so that nothing finishes after it was recorded as todo.
                     _shut_down(executor, kill=bool(self.futures) or self.stop.hard)
+                    if _release_pool.get() and self.backend == "loky" and self._finished_cleanly():
+                        # The process ends with this run: the workers exit while the state and
+                        # the summary are written, instead of after them.
+                        executor.shutdown(wait=False)
                 self.bar.close()
                 self._settle_in_flight()
         if self.fault is not None:
@@ -986,6 +1007,12 @@ class _Scheduler:
                 f"stopped: {self.fault}; free space or fix the disk, then run again "
                 "(every finished config is saved)"
             )
+
+    def _finished_cleanly(self) -> bool:
+        """Every config ran and was recorded: no stop, no storage fault, nothing in flight."""
+        return not (self.futures or self.pending or self.suspects) and not (
+            self.fault is not None or self.stop.requested
+        )
 
     def _settle_in_flight(self) -> None:
         """Configs cut off by a stop: done if their result file made it, else todo again."""
