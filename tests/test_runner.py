@@ -528,11 +528,20 @@ def _worker_pids(experiment: resweep.Experiment) -> set[int]:
     return {record["result"]["pid"] for record in experiment.store.read().configs.values()}
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_workers_stay_for_the_next_run_unless_the_process_ends_with_this_one(
     tmp_path: Path,
 ) -> None:
     """In a notebook the worker pool stays warm from one run to the next; the command line,
-    whose process ends with the run, lets the workers go once the last config is recorded."""
+    whose process ends with the run, lets the workers go once the last config is recorded, and
+    they are gone when it returns."""
     from resweep.runner import pool_released_at_end
 
     def sweep(name: str) -> resweep.Experiment:
@@ -545,5 +554,6 @@ def test_workers_stay_for_the_next_run_unless_the_process_ends_with_this_one(
     assert _worker_pids(first) & _worker_pids(second)  # the same processes ran both
     with pool_released_at_end():
         assert last.run(2, progress=False).done == 6
+    assert not any(map(_alive, _worker_pids(last)))  # gone, and reaped, when the block ends
     after.run(2, progress=False)
     assert not _worker_pids(last) & _worker_pids(after)  # the next run needed new workers

@@ -549,21 +549,35 @@ def _worker_started() -> None:
     still prepares the run."""
 
 
-# Set by the command line, whose process ends when the run does.
-_release_pool: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "resweep_release_pool", default=False
+# Set by the command line, whose process ends when the run does: the threads shutting down the
+# pools it let go, which it joins before it returns.
+_released_pools: contextvars.ContextVar[list[threading.Thread] | None] = contextvars.ContextVar(
+    "resweep_released_pools", default=None
 )
 
 
 @contextlib.contextmanager
 def pool_released_at_end() -> Iterator[None]:
     """Within it, a run that finishes cleanly lets its worker pool go at once, rather than keep
-    it warm for a next run in the same process: their exit then overlaps the final writes."""
-    token = _release_pool.set(True)
+    it warm for a next run in the same process: the workers exit during the final writes. The
+    pool is fully shut down when the block ends, whether the rest of the run went well or not."""
+    released: list[threading.Thread] = []
+    token = _released_pools.set(released)
     try:
         yield
     finally:
-        _release_pool.reset(token)
+        _released_pools.reset(token)
+        for shutting_down in released:
+            shutting_down.join()
+
+
+def _release(executor: Any) -> None:
+    """Shut a pool down in the background, for pool_released_at_end to join."""
+    released = _released_pools.get()
+    assert released is not None
+    thread = threading.Thread(target=executor.shutdown, name="resweep-pool-release")
+    thread.start()
+    released.append(thread)
 
 
 def _executor(backend: str, max_workers: int) -> Any:
@@ -957,6 +971,7 @@ class _Scheduler:
         from concurrent.futures.process import BrokenProcessPool
 
         executor = None
+        ended = False  # the loop ran out of work, with no exception on its way out
         with self.stop.installed():
             try:
                 executor = self.pool or _executor(self.backend, self.n_workers)
@@ -988,6 +1003,7 @@ class _Scheduler:
                     if self.pool is not None:
                         self._watch_pool()
                     self._maybe_compact()
+                ended = True
             except KeyboardInterrupt:
                 self.stop.requested = self.stop.hard = True
                 self.stop.signal_name = self.stop.signal_name or "SIGINT"
@@ -996,10 +1012,15 @@ class _Scheduler:
                     # Work still in flight means a hard stop or an error: stop it before settling,
                     # so that nothing finishes after it was recorded as todo.
                     _shut_down(executor, kill=bool(self.futures) or self.stop.hard)
-                    if _release_pool.get() and self.backend == "loky" and self._finished_cleanly():
+                    if (
+                        ended
+                        and _released_pools.get() is not None
+                        and self.backend == "loky"
+                        and self._finished_cleanly()
+                    ):
                         # The process ends with this run: the workers exit while the state and
                         # the summary are written, instead of after them.
-                        executor.shutdown(wait=False)
+                        _release(executor)
                 self.bar.close()
                 self._settle_in_flight()
         if self.fault is not None:
