@@ -113,7 +113,7 @@ class Task:
     def __reduce__(self) -> tuple[type[Task], tuple[Any, ...]]:
         # Tasks and outcomes cross to and from the workers by the thousand; the __getstate__
         # that dataclass gives a slots class runs in Python, about 2 us more per object each way.
-        return (Task, (self.name, self.config, self.attempt, self.failures))
+        return (Task, _task_values(self))
 
 
 @dataclass(slots=True)
@@ -147,6 +147,8 @@ class Outcome:
         }
 
 
+# Every field, in order, as __init__ takes them: a field added later is pickled too.
+_task_values = operator.attrgetter(*(f.name for f in dataclasses.fields(Task)))
 _outcome_values = operator.attrgetter(*(f.name for f in dataclasses.fields(Outcome)))
 
 
@@ -571,10 +573,8 @@ def pool_released_at_end() -> Iterator[None]:
             shutting_down.join()
 
 
-def _release(executor: Any) -> None:
+def _release(executor: Any, released: list[threading.Thread]) -> None:
     """Shut a pool down in the background, for pool_released_at_end to join."""
-    released = _released_pools.get()
-    assert released is not None
     thread = threading.Thread(target=executor.shutdown, name="resweep-pool-release")
     thread.start()
     released.append(thread)
@@ -1012,15 +1012,16 @@ class _Scheduler:
                     # Work still in flight means a hard stop or an error: stop it before settling,
                     # so that nothing finishes after it was recorded as todo.
                     _shut_down(executor, kill=bool(self.futures) or self.stop.hard)
+                    released = _released_pools.get()
                     if (
                         ended
-                        and _released_pools.get() is not None
+                        and released is not None
                         and self.backend == "loky"
                         and self._finished_cleanly()
                     ):
                         # The process ends with this run: the workers exit while the state and
                         # the summary are written, instead of after them.
-                        _release(executor)
+                        _release(executor, released)
                 self.bar.close()
                 self._settle_in_flight()
         if self.fault is not None:
