@@ -188,7 +188,7 @@ def test_three_identical_calls_record_three_answers(tmp_path: Path, calls: Path)
 
     experiment = experiment_of(tmp_path, sample, [Config("a")])
     run(experiment)
-    stored = experiment.record("a")["result"]["answers"]
+    stored = experiment.config_record("a")["result"]["answers"]
     assert stored == ["same#1", "same#2", "same#3"]
     replay = experiment.replay("a")
     assert replay.equal and replay.result["answers"] == stored
@@ -213,11 +213,11 @@ def test_a_call_that_raises_is_not_recorded(tmp_path: Path, calls: Path) -> None
 
     experiment = experiment_of(tmp_path, patient, [Config("a")])
     run(experiment)
-    assert experiment.record("a")["result"] == {"answer": "ok 2", "retried": True}
+    assert experiment.config_record("a")["result"] == {"answer": "ok 2", "retried": True}
     replay = experiment.replay("a")
     assert replay.result == {"answer": "ok 2"}  # replay never sees the failure
     assert len(real_calls(calls)) == 2
-    assert experiment.record("a")["cache_misses"] == 1
+    assert experiment.config_record("a")["cache_misses"] == 1
 
 
 def test_nan_and_odd_values_replay_exactly(tmp_path: Path, calls: Path) -> None:
@@ -252,7 +252,7 @@ def test_unpicklable_answer_fails_the_config_clearly(tmp_path: Path, calls: Path
 
     experiment = experiment_of(tmp_path, lambda c: {"x": str(handle("p"))}, [Config("a")])
     run(experiment)
-    record = experiment.record("a")
+    record = experiment.config_record("a")
     assert record["status"] == "failed"
     assert "handle('p') returned a lock that cannot be pickled" in record["error"]
 
@@ -282,7 +282,7 @@ def test_ctx_call_records_partials_and_cached_functions_once(tmp_path: Path, cal
 
     experiment = experiment_of(tmp_path, through_ctx, [Config("a")])
     run(experiment)
-    assert experiment.record("a")["cache_misses"] == 2
+    assert experiment.config_record("a")["cache_misses"] == 2
     assert experiment.replay("a").equal
     assert len(real_calls(calls)) == 2
 
@@ -301,7 +301,7 @@ def test_automatic_retry_answers_earlier_calls_from_cache(tmp_path: Path, calls:
     """A config retried within the run (retries=1) pays for none of its recorded calls."""
     experiment = experiment_of(tmp_path, ask_then_fail_first, [Config("a")], retries=1)
     run(experiment)
-    record = experiment.record("a")
+    record = experiment.config_record("a")
     assert record["status"] == "done" and record["attempts"] == 2
     assert (record["cache_hits"], record["cache_misses"]) == (3, 0)
     assert len(real_calls(calls)) == 3
@@ -316,10 +316,10 @@ def test_retry_failed_answers_earlier_calls_and_fresh_drops_them(
     assert experiment.status()["failed"] == 2
     run(experiment, retry_failed=True, only="a")
     assert len(real_calls(calls)) == 6
-    assert experiment.record("a")["cache_hits"] == 3
+    assert experiment.config_record("a")["cache_hits"] == 3
     run(experiment, retry_failed=True, only="b", fresh=True)
     assert len(real_calls(calls)) == 9
-    assert experiment.record("b")["cache_misses"] == 3
+    assert experiment.config_record("b")["cache_misses"] == 3
     assert experiment.replay("a").equal and experiment.replay("b").equal
     assert len(real_calls(calls)) == 9
 
@@ -341,7 +341,7 @@ def test_threading_backend_keeps_configs_apart(tmp_path: Path, calls: Path) -> N
     experiment = experiment_of(tmp_path, same_prompt_slowly, configs)
     run(experiment, backend="threading", max_workers=4)
     assert len(real_calls(calls)) == 8
-    results = [experiment.record(c.name) for c in configs]
+    results = [experiment.config_record(c.name) for c in configs]
     assert all((r["cache_hits"], r["cache_misses"]) == (0, 2) for r in results)
     answers = [a for r in results for a in r["result"]["answers"]]
     assert len(set(answers)) == 8
@@ -361,7 +361,7 @@ def test_threads_with_a_copied_context_share_their_config_cache(
 
     experiment = experiment_of(tmp_path, fan_out, [Config("a")])
     run(experiment)
-    assert experiment.record("a")["cache_misses"] == 8
+    assert experiment.config_record("a")["cache_misses"] == 8
     assert experiment.replay("a").equal
     assert len(real_calls(calls)) == 8
 

@@ -475,9 +475,9 @@ def test_scheduler_needs_the_dask_backend(tmp_path: Path) -> None:
 
 def test_unreachable_scheduler_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A scheduler address nothing listens on: one clear error, nothing marked running."""
-    from resweep import cluster
+    from resweep.pools import dask as dask_pool
 
-    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(dask_pool, "CONNECT_TIMEOUT_S", 1.0)
     experiment = resweep.Experiment(
         function=lambda c: None, configs=[{"i": 1}], output_dir=tmp_path / "out"
     )

@@ -11,7 +11,8 @@ import pytest
 import resweep
 from conftest import Config, square
 from resweep.errors import ConfigError, ResweepError, UnknownConfigError
-from resweep.experiment import RunReport, takes_context
+from resweep.runner import RunReport
+from resweep.worker import takes_context
 
 CONFIGS = [Config("a", 0.1), Config("b", 0.2), Config("c", 0.3)]
 
@@ -120,9 +121,9 @@ def test_record_of_unknown_name_suggests_close_names(tmp_path: Path) -> None:
     """Asking for a config that does not exist names close matches."""
     experiment = make(tmp_path)
     experiment.run(backend="sequential", progress=False)
-    assert experiment.record("lr=0.1,model=a")["status"] == "done"
+    assert experiment.config_record("lr=0.1,model=a")["status"] == "done"
     with pytest.raises(UnknownConfigError, match=r"did you mean 'lr=0.1,model=a'"):
-        experiment.record("lr=0.1,model=A")
+        experiment.config_record("lr=0.1,model=A")
 
 
 def test_context_exposes_name_config_dir_shared_attempt(tmp_path: Path) -> None:

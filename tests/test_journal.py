@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
-from resweep import store
-from resweep.store import Journal, Recorder, State, Store
+from resweep import encoding, files, store
+from resweep.journal import Journal, read_journal
+from resweep.state import State
+from resweep.store import StateWriter, Store
 
 DONE = {"status": "done", "attempts": 1, "end_time": "2024-01-01T00:00:01.000+00:00"}
 
@@ -41,13 +43,13 @@ def test_torn_last_journal_line_is_ignored(tmp_path: Path) -> None:
     journal.append("c1", DONE)
     journal.write(sync=True)
     journal.close()
-    whole = store.encode_flow([3, "c2", DONE]) + "\n"
+    whole = encoding.encode_flow([3, "c2", DONE]) + "\n"
     with open(target.journal_path, "ab") as handle:
         handle.write(whole.encode()[: len(whole) // 2])
     state = target.read()
     assert [state.configs[n]["status"] for n in ("c0", "c1", "c2")] == ["done", "done", "todo"]
     assert state.journal_seq == 2
-    assert [seq for seq, _, _ in store.read_journal(target.journal_path, 0)] == [1, 2]
+    assert [seq for seq, _, _ in read_journal(target.journal_path, 0)] == [1, 2]
 
 
 def test_entries_at_or_below_journal_seq_are_not_applied_again(tmp_path: Path) -> None:
@@ -58,20 +60,20 @@ def test_entries_at_or_below_journal_seq_are_not_applied_again(tmp_path: Path) -
         [5, "c1", {"status": "failed", "error": "old"}],
         [6, "c2", DONE],
     ]
-    text = "".join(store.encode_flow(line) + "\n" for line in lines)
+    text = "".join(encoding.encode_flow(line) + "\n" for line in lines)
     target.journal_path.write_text(text, encoding="utf-8")
     state = target.read()
     assert state.configs["c0"]["status"] == "todo"
     assert state.configs["c1"]["status"] == "todo"
     assert state.configs["c2"]["status"] == "done"
     assert state.journal_seq == 6
-    assert [seq for seq, _, _ in store.read_journal(target.journal_path, 5)] == [6]
+    assert [seq for seq, _, _ in read_journal(target.journal_path, 5)] == [6]
 
 
 def test_compaction_folds_the_journal_and_reads_like_yaml(tmp_path: Path) -> None:
     """After a compaction the state file alone holds every change, as plain YAML."""
     target = _saved_store(tmp_path / "exp", 4)
-    recorder = Recorder(target, target.read())
+    recorder = StateWriter(target, target.read())
     recorder.update("c1", {**DONE, "result": {"loss": 1e-05, "tag": "1e-05"}})
     recorder.write(sync=True)
     recorder.compact()
@@ -95,10 +97,10 @@ _WRITER = """\
 import sys
 from pathlib import Path
 
-from resweep.store import Recorder, Store
+from resweep.store import StateWriter, Store
 
 target = Store(Path(sys.argv[1]))
-recorder = Recorder(target, target.read())
+recorder = StateWriter(target, target.read())
 n, every = int(sys.argv[2]), int(sys.argv[3])
 for i in range(n):
     recorder.update(f"c{i}", {"status": "done", "attempts": 1})
@@ -217,7 +219,7 @@ def _check_after_kill(out: Path, done_before: dict[str, str]) -> dict[str, str]:
     done = {n: r["end_time"] for n, r in state.configs.items() if r["status"] == "done"}
     for name, end_time in done_before.items():
         assert done.get(name) == end_time, f"{name} lost or re-run"
-    configs_dir = out / store.CONFIGS_DIR
+    configs_dir = out / files.CONFIGS_DIR
     with os.scandir(configs_dir) as entries:
         returned = {e.name for e in entries if os.path.exists(os.path.join(e.path, "result.yaml"))}
     assert returned <= done.keys(), f"{len(returned - done.keys())} returned configs not done"

@@ -542,7 +542,7 @@ def test_workers_stay_for_the_next_run_unless_the_process_ends_with_this_one(
     """In a notebook the worker pool stays warm from one run to the next; the command line,
     whose process ends with the run, lets the workers go once the last config is recorded, and
     they are gone when it returns."""
-    from resweep.runner import pool_released_at_end
+    from resweep.pools.local import pool_released_at_end
 
     def sweep(name: str) -> resweep.Experiment:
         configs = [{"i": i} for i in range(6)]

@@ -15,9 +15,11 @@ import yaml
 
 import resweep
 from conftest import Config
-from resweep import store
+from resweep import clock, durable, encoding, files, store
+from resweep import state as statefile
 from resweep.errors import LockedError, StateError
-from resweep.store import State, Store
+from resweep.state import State
+from resweep.store import Store
 
 GOLDEN = Path(__file__).parent / "data" / "state_v1.yaml"
 
@@ -91,9 +93,9 @@ def same(a: Any, b: Any) -> bool:
 @pytest.mark.parametrize("value", TRICKY_VALUES, ids=repr)
 def test_flow_encoding_reads_back_the_same_with_json_and_yaml(value: Any) -> None:
     """One encoded line reads back as the same value through decode_flow and yaml.safe_load."""
-    text = store.encode_flow(value)
+    text = encoding.encode_flow(value)
     assert "\n" not in text
-    assert same(store.decode_flow(text), value)
+    assert same(encoding.decode_flow(text), value)
     assert same(yaml.safe_load(text), value)
 
 
@@ -103,7 +105,7 @@ def _tricky_state() -> State:
         name = f"c{i}" if i % 3 else f"名前 🎉 {i}"
         configs[name] = {
             "params": {"value": value, "i": i},
-            "status": store.STATUSES[i % 4],
+            "status": statefile.STATUSES[i % 4],
             "attempts": i,
             "start_time": "2024-01-01T00:00:00.000+00:00",
             "end_time": None,
@@ -115,14 +117,14 @@ def _tricky_state() -> State:
 def test_state_round_trip_equals_yaml_safe_load(tmp_path: Path) -> None:
     """dump_state then parse_state gives the same state, and so does plain yaml.safe_load."""
     state = _tricky_state()
-    text = store.dump_state(state)
-    parsed = store.parse_state(text, tmp_path / "experiment.yaml")
+    text = statefile.dump_state(state)
+    parsed = statefile.parse_state(text, tmp_path / "experiment.yaml")
     assert parsed.name == state.name
     assert parsed.description == "1e-05"
     assert parsed.journal_seq == 17
     assert same(parsed.configs, state.configs)
     loaded = yaml.safe_load(text)
-    assert loaded["format_version"] == store.FORMAT_VERSION
+    assert loaded["format_version"] == statefile.FORMAT_VERSION
     assert same(loaded["configs"], state.configs)
 
 
@@ -136,7 +138,7 @@ def test_store_save_and_read_round_trip(tmp_path: Path) -> None:
         record["status"] = "done" if record["status"] == "running" else record["status"]
     target.save(state)
     assert same(target.read().configs, state.configs)
-    assert sorted(p.name for p in target.root.iterdir()) == ["configs", "experiment.yaml"]
+    assert sorted(p.name for p in target.root.iterdir()) == ["experiment.yaml"]
 
 
 def test_golden_state_file_is_still_read(tmp_path: Path) -> None:
@@ -200,14 +202,14 @@ def test_newer_format_version_is_a_state_error(tmp_path: Path) -> None:
     """A state file from a newer resweep is refused with a message saying to upgrade."""
     text = GOLDEN.read_text(encoding="utf-8").replace("format_version: 1", "format_version: 2")
     with pytest.raises(StateError, match=r"format_version 2.*upgrade resweep"):
-        store.parse_state(text, tmp_path / "experiment.yaml")
+        statefile.parse_state(text, tmp_path / "experiment.yaml")
 
 
 def test_unknown_status_is_a_state_error(tmp_path: Path) -> None:
     """A status that is not todo, running, done or failed is a StateError naming the config."""
     text = GOLDEN.read_text(encoding="utf-8").replace('"status": "failed"', '"status": "broken"')
     with pytest.raises(StateError, match=r"'lr=0.01,model=b,seed=1' has unknown status 'broken'"):
-        store.parse_state(text, tmp_path / "experiment.yaml")
+        statefile.parse_state(text, tmp_path / "experiment.yaml")
 
 
 @pytest.mark.parametrize(
@@ -226,7 +228,7 @@ def test_unknown_status_is_a_state_error(tmp_path: Path) -> None:
 def test_malformed_state_is_a_state_error(tmp_path: Path, text: str, message: str) -> None:
     """A broken state file is a StateError that says what is wrong, never a crash."""
     with pytest.raises(StateError, match=message):
-        store.parse_state(text, tmp_path / "experiment.yaml")
+        statefile.parse_state(text, tmp_path / "experiment.yaml")
 
 
 def test_hand_edit_in_block_style_is_read(tmp_path: Path) -> None:
@@ -235,7 +237,7 @@ def test_hand_edit_in_block_style_is_read(tmp_path: Path) -> None:
         "format_version: 1\nname: hand\nconfigs:\n  one:\n    params: {x: 1}\n"
         "    status: failed\n    attempts: 2\n"
     )
-    state = store.parse_state(text, tmp_path / "experiment.yaml")
+    state = statefile.parse_state(text, tmp_path / "experiment.yaml")
     assert state.name == "hand"
     assert state.configs == {"one": {"params": {"x": 1}, "status": "failed", "attempts": 2}}
 
@@ -256,9 +258,9 @@ def test_journal_entries_apply_on_top_and_a_torn_line_is_skipped(tmp_path: Path)
     state = State(configs={"a": {"params": {}, "status": "todo", "attempts": 0}}, journal_seq=3)
     target.save(state)
     lines = [
-        store.encode_flow([3, "a", {"status": "failed"}]),  # already folded in: ignored
-        store.encode_flow([4, "a", {"status": "running", "attempts": 1}]),
-        store.encode_flow([5, "a", {"status": "done", "result": {"x": 1e-05}}]),
+        encoding.encode_flow([3, "a", {"status": "failed"}]),  # already folded in: ignored
+        encoding.encode_flow([4, "a", {"status": "running", "attempts": 1}]),
+        encoding.encode_flow([5, "a", {"status": "done", "result": {"x": 1e-05}}]),
         '[6, "a", {"status": "fai',
     ]
     target.journal_path.write_text("\n".join(lines), encoding="utf-8")
@@ -272,7 +274,7 @@ def test_recorder_makes_changes_durable_in_the_journal(tmp_path: Path) -> None:
     target.ensure_dir()
     state = State(configs={"a": {"params": {}, "status": "todo", "attempts": 0}})
     target.save(state)
-    recorder = store.Recorder(target, state)
+    recorder = store.StateWriter(target, state)
     recorder.update("a", {"status": "done", "result": {"v": float("nan")}})
     recorder.write(sync=True)
     assert target.read().configs["a"]["status"] == "done"
@@ -284,25 +286,28 @@ def test_recorder_makes_changes_durable_in_the_journal(tmp_path: Path) -> None:
 def test_result_file_round_trip(tmp_path: Path) -> None:
     """result.yaml keeps the result and its meta line, and plain YAML reads the result."""
     result = {"loss": float("inf"), "name": "ü 🎉", "tiny": 1e-05}
-    store.write_result(tmp_path, result, {"attempt": 3})
-    found = store.read_result(tmp_path)
+    files.write_result(
+        tmp_path, files.StoredResult(result, attempt=3, end_time="t", duration_s=1.5)
+    )
+    found = files.read_result(tmp_path)
     assert found is not None
-    assert same(found[0], result)
-    assert found[1] == {"attempt": 3}
+    assert same(found.result, result)
+    assert (found.attempt, found.end_time, found.duration_s) == (3, "t", 1.5)
     assert same(yaml.safe_load((tmp_path / "result.yaml").read_text(encoding="utf-8")), result)
-    assert store.read_result(tmp_path / "missing") is None
+    assert files.read_result(tmp_path / "missing") is None
 
 
 @pytest.mark.parametrize("result", [None, {"loss": 0.5, "note": "ü"}])
 def test_a_result_file_cut_short_reads_as_no_result(tmp_path: Path, result: Any) -> None:
     """result.yaml is written in place; a crash mid-write must not pass for a result."""
-    store.write_result(tmp_path, result, {"attempt": 1})
+    stored = files.StoredResult(result, attempt=1, end_time=None, duration_s=None)
+    files.write_result(tmp_path, stored)
     data = (tmp_path / "result.yaml").read_bytes()
     for cut in range(len(data)):
         (tmp_path / "result.yaml").write_bytes(data[:cut])
-        assert store.read_result(tmp_path) is None, data[:cut]
+        assert files.read_result(tmp_path) is None, data[:cut]
     (tmp_path / "result.yaml").write_bytes(data)
-    assert store.read_result(tmp_path) == (result, {"attempt": 1})
+    assert files.read_result(tmp_path) == stored
 
 
 def test_second_lock_is_refused_naming_the_holder(tmp_path: Path) -> None:
@@ -324,8 +329,8 @@ def test_second_lock_is_refused_naming_the_holder(tmp_path: Path) -> None:
 def test_write_atomic_replaces_whole_file(tmp_path: Path) -> None:
     """An atomic write replaces the file and leaves no temporary file behind."""
     path = tmp_path / "f.json"
-    store.write_atomic(path, json.dumps({"v": 1}))
-    store.write_atomic(path, json.dumps({"v": 2}))
+    durable.write_atomic(path, json.dumps({"v": 1}))
+    durable.write_atomic(path, json.dumps({"v": 2}))
     assert json.loads(path.read_text()) == {"v": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
@@ -333,7 +338,7 @@ def test_write_atomic_replaces_whole_file(tmp_path: Path) -> None:
 def test_read_one_gives_the_same_record_as_a_full_read(tmp_path: Path) -> None:
     """show reads one line of a large state; the record equals the full reader's."""
     target = store.Store(tmp_path)
-    state = store.State(name="big")
+    state = statefile.State(name="big")
     for i in range(500):
         state.configs[f"c{i}"] = {"params": {"i": i, "x": 1e-05}, "status": "done", "attempts": 1}
     target.save(state)
@@ -346,7 +351,7 @@ def test_read_one_gives_the_same_record_as_a_full_read(tmp_path: Path) -> None:
 def test_a_state_cut_in_its_closing_line_is_refused(tmp_path: Path) -> None:
     """A file that ends part way through its closing line was cut short: a StateError."""
     target = store.Store(tmp_path)
-    target.save(store.State(configs={"a": {"params": {}, "status": "todo", "attempts": 0}}))
+    target.save(statefile.State(configs={"a": {"params": {}, "status": "todo", "attempts": 0}}))
     text = target.state_path.read_text()
     assert text.endswith("# end of state: 1 configs\n")
     target.state_path.write_text(text[: -len("configs\n")])
@@ -359,7 +364,7 @@ def test_a_state_cut_in_its_closing_line_is_refused(tmp_path: Path) -> None:
 def test_garbage_after_the_closing_line_sends_show_to_the_full_reader(tmp_path: Path) -> None:
     """Lines appended after the closing line are not skipped by the one-line reader."""
     target = store.Store(tmp_path)
-    target.save(store.State(configs={"a": {"params": {}, "status": "todo", "attempts": 0}}))
+    target.save(statefile.State(configs={"a": {"params": {}, "status": "todo", "attempts": 0}}))
     with open(target.state_path, "a") as handle:
         handle.write("configs: [oops\n")
     with pytest.raises(StateError):
@@ -379,7 +384,7 @@ def test_now_iso_reads_as_datetime_writes_it_to_the_millisecond(
 
     monkeypatch.setenv("TZ", zone)
     time.tzset()
-    monkeypatch.setattr(store, "_second_text", (-1, "", ""))
+    clock.reset()
     rng = random.Random(7)
     # 2024-03-31 01:00 UTC: Paris moves from +01:00 to +02:00.
     moments = [1711846799.9995, 1711846799.9999996, 1711846800.0004, 1711846800.5]
@@ -391,7 +396,7 @@ def test_now_iso_reads_as_datetime_writes_it_to_the_millisecond(
             offset = datetime.timedelta(seconds=time.localtime(moment).tm_gmtoff)
             local = datetime.datetime.fromtimestamp(moment, datetime.timezone(offset))
             expected = datetime.datetime.fromisoformat(local.isoformat(timespec="milliseconds"))
-            text = store.now_iso()
+            text = clock.now_iso()
             written = datetime.datetime.fromisoformat(text)
             assert written == expected, moment  # the same instant, to the millisecond
             in_force = time.localtime(written.timestamp()).tm_gmtoff

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from resweep.cache import Replay, cached
+from resweep.cache import cached
 from resweep.errors import (
     CacheKeyError,
     CacheMiss,
@@ -14,10 +14,13 @@ from resweep.errors import (
     StorageError,
     UnknownConfigError,
 )
-from resweep.experiment import Context, Experiment, RunReport, WorkerSetup
+from resweep.experiment import Experiment
+from resweep.replay import Replay
+from resweep.runner import RunReport
 from resweep.summary import ExperimentView, load_summary
 from resweep.summary import open_experiment as open
 from resweep.sweeps import grid, load_configs
+from resweep.worker import Context, WorkerSetup
 
 __version__ = "0.1.0"
 

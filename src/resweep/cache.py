@@ -17,19 +17,14 @@ import math
 import os
 import pathlib
 import pickle
-import sys
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 from resweep.errors import CacheKeyError, CacheMiss, ResweepError
-
-if TYPE_CHECKING:
-    from resweep.experiment import Experiment
 
 CacheMode = Literal["record", "replay"]
 CACHE_DIR = "cache"
@@ -161,7 +156,7 @@ def close_cache(output_dir: str | os.PathLike[str]) -> None:
         handle.close()
 
 
-def recorded(handle: Any, config: str) -> list[tuple[str, bytes]]:
+def calls_of(handle: Any, config: str) -> list[tuple[str, bytes]]:
     """Every call recorded for one config, as (key, pickled answer), in key order."""
     # diskcache has no public lookup by tag; its tag column is indexed (tag_index=True).
     rows = handle._sql("SELECT key FROM Cache WHERE tag = ? AND raw = 1", (config,)).fetchall()
@@ -179,7 +174,7 @@ def tags(handle: Any) -> set[str]:
     return {tag for (tag,) in rows if isinstance(tag, str)}
 
 
-def record(handle: Any, config: str, entries: list[tuple[str, bytes]]) -> None:
+def add_calls(handle: Any, config: str, entries: list[tuple[str, bytes]]) -> None:
     """Store calls recorded elsewhere (on a Dask worker) as config's own."""
     if not entries:
         return
@@ -429,106 +424,3 @@ def cached(fn: Any = None, /, *, name: str | None = None) -> Any:
             raise TypeError("@resweep.cached takes a function, or name= as a keyword")
         return wrap(fn)
     return wrap
-
-
-# -- replay ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Replay:
-    """One replayed config: its new result, the stored one, and how they differ."""
-
-    name: str
-    result: Any
-    stored: Any
-    differences: list[str]
-    cache_hits: int
-
-    @property
-    def equal(self) -> bool:
-        return not self.differences
-
-    def describe(self) -> str:
-        if self.equal:
-            return f"{self.name}: replayed result equals the stored one ({self.cache_hits} cached calls)"
-        lines = [f"{self.name}: replayed result differs from the stored one:"]
-        lines += [f"  {d}" for d in self.differences]
-        return "\n".join(lines)
-
-
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix or "(result)": value}
-
-
-def differences(new: Any, old: Any) -> list[str]:
-    """Key-by-key differences between two results ('key: stored -> replayed')."""
-    a, b = _flat(old), _flat(new)
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key, _MISSING), b.get(key, _MISSING)
-        if json.dumps(va, sort_keys=True, default=repr) != json.dumps(
-            vb, sort_keys=True, default=repr
-        ):
-            show_a = "(missing)" if va is _MISSING else repr(va)
-            show_b = "(missing)" if vb is _MISSING else repr(vb)
-            out.append(f"{key}: stored {show_a}, replayed {show_b}")
-    return out
-
-
-class _StderrLog:
-    """During replay, ctx.log and its records go to the terminal of the person debugging."""
-
-    def write(self, text: str) -> int:
-        return sys.stderr.write(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-
-
-def replay_experiment(experiment: Experiment, name: str | None) -> Replay | list[Replay]:
-    """Re-run done configs in this process; any call missing from the cache raises CacheMiss."""
-    from resweep.experiment import Context, lookup, takes_context
-    from resweep.runner import to_plain_result
-
-    state = experiment.read_state()
-    if name is not None:
-        record = lookup(state, str(name))
-        if record["status"] != "done":
-            raise ResweepError(
-                f"config {name!r} is {record['status']}; only done configs can be replayed"
-            )
-        names = [str(name)]
-    else:
-        names = [n for n, r in state.configs.items() if r["status"] == "done"]
-    named = experiment.named_configs() if experiment.configs is not None else {}
-    setup = experiment.setup
-    value = setup.common() if setup is not None and setup.common else None
-    if setup is not None and setup.per_worker is not None:
-        setup.per_worker(value)
-    takes_ctx = takes_context(experiment.function)
-    replays = []
-    for config_name in names:
-        record = state.configs[config_name]
-        config = named[config_name][0] if config_name in named else record["params"]
-        stats = CallStats()
-        with tempfile.TemporaryDirectory(prefix=f"resweep-replay-{config_name[:40]}-") as tmp:
-            ctx = Context(
-                name=config_name,
-                config=config,
-                dir=Path(tmp),
-                shared=experiment.context,
-                attempt=record.get("attempts", 1),
-                log_stream=_StderrLog(),
-            )
-            output_dir = experiment.store.root if experiment.cache else None
-            with scope(output_dir, config_name, "replay", stats):
-                raw = experiment.function(config, ctx) if takes_ctx else experiment.function(config)
-        result = to_plain_result(raw)
-        stored = record.get("result")
-        replays.append(Replay(config_name, result, stored, differences(result, stored), stats.hits))
-    return replays[0] if name is not None else replays

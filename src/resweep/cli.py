@@ -8,16 +8,45 @@ import inspect
 import json as jsonlib
 import os
 import sys
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections import Counter
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-from resweep import provenance
 from resweep.errors import CacheMiss, ResweepError
-from resweep.experiment import lookup
-from resweep.store import WORKERS_DIR, read_markers
+from resweep.options import Backend, RunOptions
+from resweep.pools.local import pool_released_at_end
 
 if TYPE_CHECKING:
-    from resweep.experiment import Experiment
-    from resweep.store import State
+    from pathlib import Path
+
+    from resweep.planning import Plan
+    from resweep.replay import Replay
+    from resweep.runner import RunReport
+    from resweep.status import StatusReport
+    from resweep.store import Store
+
+
+class Commands(Protocol):
+    """What the command line asks of an experiment: resweep.Experiment's public methods."""
+
+    @property
+    def store(self) -> Store: ...
+
+    def run_with(self, options: RunOptions) -> RunReport: ...
+
+    def plan(
+        self, *, retry_failed: bool = False, only: str | None = None, rerun_changed: bool = False
+    ) -> Plan: ...
+
+    def status_report(self) -> StatusReport: ...
+
+    def config_report(self, name: str) -> dict[str, Any]: ...
+
+    def replay(self, name: str | None = None) -> Replay | list[Replay]: ...
+
+    def save_summary(self, force: bool = False) -> Path: ...
+
+    def clean_index(self) -> list[str]: ...
+
 
 # Options whose values are names or patterns: always strings, never numbers.
 _STRING_OPTIONS = ("--config", "--name", "--only", "--scheduler")
@@ -49,29 +78,6 @@ def _elapsed(start_time: str | None) -> str:
     return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f}min"
 
 
-def _changed_warning(changed: dict[str, str]) -> str | None:
-    """The status line about done configs that older code produced, or None."""
-    if not changed:
-        return None
-    function = sum(why == provenance.FUNCTION_CHANGED for why in changed.values())
-    parts = [f"{function} by a different function"] if function else []
-    if len(changed) > function:
-        parts.append(f"{len(changed) - function} by other changes to its module")
-    return (
-        f"warning: {len(changed)} done configs were produced by code that differs from the "
-        f"current code ({', '.join(parts)}); `run --rerun-changed` re-runs them, "
-        "`run --dry-run --rerun-changed` lists them"
-    )
-
-
-def _count(state: State, names: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for name in names:
-        status = state.configs[name]["status"]
-        counts[status] = counts.get(status, 0) + 1
-    return counts
-
-
 def _exit(code: int) -> NoReturn:
     sys.stdout.flush()
     raise SystemExit(code)
@@ -80,14 +86,14 @@ def _exit(code: int) -> NoReturn:
 class CLI:
     """Run and inspect the experiment: run, status, replay, force_summary, clean_index, show."""
 
-    def __init__(self, experiment: Experiment) -> None:
+    def __init__(self, experiment: Commands) -> None:
         self._experiment = experiment
 
     def run(
         self,
         max_workers: int = 1,
         retry_failed: bool = False,
-        backend: str = "loky",
+        backend: Backend = "loky",
         scheduler: str | None = None,
         only: str | None = None,
         fresh: bool = False,
@@ -97,27 +103,26 @@ class CLI:
         progress: bool = True,
     ) -> None:
         """Run every config that is not done; Ctrl-C saves and stops (exit 130)."""
+        options = RunOptions(
+            max_workers=max_workers,
+            retry_failed=retry_failed,
+            backend=backend,
+            scheduler=scheduler,
+            only=only,
+            fresh=fresh,
+            rerun_changed=rerun_changed,
+            break_lock=break_lock,
+            progress=progress,
+        )
         if dry_run:
             print(
                 self._experiment.plan(
-                    retry_failed=retry_failed, only=only, rerun_changed=rerun_changed
+                    retry_failed=retry_failed, only=options.only, rerun_changed=rerun_changed
                 ).describe()
             )
             return
-        from resweep.runner import pool_released_at_end
-
         with pool_released_at_end():  # this process ends with the run
-            report = self._experiment.run(
-                max_workers,
-                retry_failed=retry_failed,
-                backend=backend,
-                only=only,
-                fresh=fresh,
-                progress=progress,
-                break_lock=break_lock,
-                scheduler=scheduler,
-                rerun_changed=rerun_changed,
-            )
+            report = self._experiment.run_with(options)
         print(
             f"done {report.done}, failed {report.failed}, todo {report.todo}"
             + (f", interrupted {report.interrupted} ({report.signal})" if report.signal else "")
@@ -128,72 +133,39 @@ class CLI:
 
     def status(self, failed: bool = False, json: bool = False) -> None:
         """Counts by status, the configs running now, and with --failed each failure's error."""
-        store = self._experiment.store
-        state = store.read()
-        counts = state.counts()
-        running = {n: r for n, r in state.configs.items() if r["status"] == "running"}
-        active = store.active_run()
-        # With worker processes, a config handed to a busy worker is queued, not running yet.
-        markers = store.root / WORKERS_DIR
-        queued: set[str] = set()
-        if running and active is not None and markers.is_dir():
-            executing = read_markers(markers)
-            queued = {n for n in running if n not in executing}
-            for name in running.keys() - queued:
-                started = datetime.datetime.fromtimestamp(executing[name][1]).astimezone()
-                running[name] = {**running[name], "start_time": started.isoformat()}
-        # Configs a dead run left running, read as the next run will settle them.
-        left = store.left_running
-        failures = {n: r.get("error") for n, r in state.configs.items() if r["status"] == "failed"}
-        changed = provenance.changed_configs(
-            state.configs, provenance.fingerprint(self._experiment.function)
-        )
-        warning = _changed_warning(changed)
+        report = self._experiment.status_report()
         if json:
-            hits = sum(r.get("cache_hits") or 0 for r in state.configs.values())
-            misses = sum(r.get("cache_misses") or 0 for r in state.configs.values())
-            payload: dict[str, Any] = {
-                "name": state.name,
-                "counts": counts,
-                "total": len(state.configs),
-                "running": {n: r.get("start_time") for n, r in running.items() if n not in queued},
-                "queued": sorted(queued),
-                "active_run": active.__dict__ if active else None,
-                "left_running": {n: state.configs[n]["status"] for n in left},
-                "cache": {"hits": hits, "misses": misses},
-                "changed": len(changed),
-                "warnings": [warning] if warning else [],
-            }
-            if failed:
-                payload["failed"] = failures
-            print(jsonlib.dumps(payload, indent=2))
+            print(jsonlib.dumps(report.as_json(failed=failed), indent=2))
             return
-        title = state.name or self._experiment.store.root.name
-        summary = ", ".join(f"{k} {v}" for k, v in counts.items())
-        print(f"{title}: {len(state.configs)} configs: {summary}")
+        title = report.name or self._experiment.store.root.name
+        summary = ", ".join(f"{k} {v}" for k, v in report.counts.items())
+        print(f"{title}: {report.total} configs: {summary}")
+        left = report.left_running
         if left:
+            settled = Counter(left.values())
             print(
                 f"{len(left)} left running by a run that stopped, now "
-                + ", ".join(f"{v} {k}" for k, v in _count(state, left).items())
+                + ", ".join(f"{v} {k}" for k, v in settled.items())
                 + "; the next run runs the todo ones again"
             )
-            for name in left:
-                print(f"  {name}  {state.configs[name]['status']}")
-        if running:
-            if active is None:
+            for name, status in left.items():
+                print(f"  {name}  {status}")
+        if report.running or report.queued:
+            if report.active_run is None:
                 print(
-                    f"{len(running)} left running by a run that stopped; the next run settles them"
+                    f"{len(report.running)} left running by a run that stopped; "
+                    "the next run settles them"
                 )
             else:
-                print(f"running now ({active.describe()}):")
-                for name, record in running.items():
-                    if name not in queued:
-                        print(f"  {name}  {_elapsed(record.get('start_time'))}")
-                if queued:
-                    print(f"{len(queued)} more handed to busy workers, not started yet")
+                print(f"running now ({report.active_run.describe()}):")
+                for name, start_time in report.running.items():
+                    print(f"  {name}  {_elapsed(start_time)}")
+                if report.queued:
+                    print(f"{len(report.queued)} more handed to busy workers, not started yet")
         if failed:
-            for name, error in failures.items():
+            for name, error in report.failures.items():
                 print(f"  {name}: {error}")
+        warning = report.changed_warning
         if warning:
             print(warning)
 
@@ -222,15 +194,7 @@ class CLI:
 
     def show(self, name: str) -> None:
         """Everything recorded about one config."""
-        state = self._experiment.store.read_one(str(name))
-        record = lookup(state, str(name))
-        shown = {"name": str(name), **record}
-        shown["provenance"] = provenance.describe_session(record.get("session"), state.sessions)
-        if record.get("fingerprint") is not None:
-            why = provenance.compare(
-                record["fingerprint"], provenance.fingerprint(self._experiment.function)
-            )
-            shown["code"] = "matches the current code" if why is None else f"differs, {why}"
+        shown = self._experiment.config_report(str(name))
         import yaml
 
         print(yaml.safe_dump(shown, sort_keys=False, allow_unicode=True, width=100).rstrip())
@@ -254,7 +218,7 @@ def _check_options(args: list[str]) -> None:
         raise ResweepError(f"{args[0]} has no option --{key.replace('_', '-')}{hint}")
 
 
-def main(experiment: Experiment, argv: list[str] | None = None) -> None:
+def main(experiment: Commands, argv: list[str] | None = None) -> None:
     """Run the CLI; ResweepError becomes one line on stderr and exit status 2."""
     import fire
 

@@ -1,132 +1,28 @@
-"""Experiment, WorkerSetup, Context: what a user declares and what a run sees."""
+"""Experiment: what a user declares, and the methods that run and inspect it."""
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
-import inspect
-import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from resweep import identity
-from resweep.errors import ConfigError, ResweepError, UnknownConfigError
-from resweep.store import State, Store
+from resweep import identity, provenance
+from resweep.errors import ConfigError, ResweepError
+from resweep.options import Backend, RunOptions
+from resweep.runner import RunReport
+from resweep.state import ConfigRecord, State
+from resweep.status import StatusReport
+from resweep.store import Store
+from resweep.worker import WorkerSetup
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from resweep.runner import Plan
-
-T = TypeVar("T")
-# The most config names an unknown name is compared with to suggest close ones.
-MAX_SUGGESTION_CANDIDATES = 2000
-BACKENDS = ("loky", "threading", "sequential", "dask")
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
-
-
-@dataclass(frozen=True)
-class WorkerSetup:
-    """Expensive set-up done once per run (common) and once per worker process (per_worker)."""
-
-    # Runs once in the main process when a run starts; returns a picklable value.
-    common: Callable[[], Any] | None = None
-    # Runs once in every process that runs configs, with common's value, before its first config.
-    per_worker: Callable[[Any], Any] | None = None
-
-
-class Context:
-    """What one run of one config sees: its name, directory, shared context and logger."""
-
-    __slots__ = ("_dir", "_log", "_log_stream", "attempt", "config", "name", "shared")
-
-    def __init__(
-        self,
-        *,
-        name: str,
-        config: Any,
-        dir: str | os.PathLike[str],
-        shared: Any,
-        attempt: int,
-        log_stream: Any,
-    ) -> None:
-        self.name = name
-        self.config = config
-        self._dir = dir
-        self.shared = shared
-        self.attempt = attempt
-        self._log_stream = log_stream
-        self._log: logging.Logger | None = None
-
-    @property
-    def dir(self) -> Path:
-        """The config's own directory, for its artifacts (made a Path when first asked for)."""
-        if not isinstance(self._dir, Path):
-            self._dir = Path(self._dir)
-        return self._dir
-
-    @property
-    def log(self) -> logging.Logger:
-        """A logger whose records land in this config's log.txt."""
-        if self._log is None:
-            # Not from getLogger: a registered logger per config would live forever.
-            logger = logging.Logger(f"resweep.{self.name}", logging.DEBUG)
-            handler = logging.StreamHandler(self._log_stream)
-            handler.setFormatter(logging.Formatter(_LOG_FORMAT))
-            logger.addHandler(handler)
-            self._log = logger
-        return self._log
-
-    def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """Call fn through this config's request cache, like a @cached function."""
-        from resweep.cache import call_cached
-
-        # No name here: cache.py names fn (a repr would hold a memory address).
-        result: T = call_cached(None, fn, args, kwargs)
-        return result
-
-    def __repr__(self) -> str:
-        return f"Context(name={self.name!r}, attempt={self.attempt}, dir={str(self.dir)!r})"
-
-
-@dataclass(frozen=True)
-class RunReport:
-    """Counts over the whole experiment once a run has stopped."""
-
-    done: int
-    failed: int
-    todo: int
-    # Configs that were running when the run was stopped by a signal.
-    interrupted: int
-    # Configs executed by this run, retries included.
-    executed: int = 0
-    # "SIGINT" or "SIGTERM" when a signal stopped the run.
-    signal: str | None = None
-
-    @property
-    def exit_code(self) -> int:
-        if self.signal == "SIGTERM":
-            return 143
-        if self.signal is not None:
-            return 130
-        return 0 if self.failed == 0 and self.todo == 0 else 1
-
-
-def takes_context(function: Callable[..., Any]) -> bool:
-    """Whether function wants ctx: it accepts a second positional argument."""
-    try:
-        params = list(inspect.signature(function).parameters.values())
-    except (TypeError, ValueError):
-        return False
-    positional = [
-        p
-        for p in params
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
-    ]
-    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in positional)
+    from resweep.planning import Plan
+    from resweep.replay import Replay
 
 
 @dataclass(kw_only=True)
@@ -175,7 +71,7 @@ class Experiment:
         """Every config by name with its canonical params; bad names fail here, before any run."""
         if self._named is None:
             if self.configs is None:
-                state = self.store.read()
+                state = self.read_state()
                 self._named = {n: (r["params"], r["params"]) for n, r in state.configs.items()}
             else:
                 if not isinstance(self.configs, Sequence):
@@ -192,7 +88,10 @@ class Experiment:
         return self._named
 
     def read_state(self) -> State:
-        return self.store.read()
+        """The state as a reader should believe it (configs a dead run left running, settled)."""
+        from resweep.recovery import read_settled
+
+        return read_settled(self.store)[0]
 
     # -- running --------------------------------------------------------------------------
 
@@ -201,7 +100,7 @@ class Experiment:
         max_workers: int = 1,
         *,
         retry_failed: bool = False,
-        backend: str = "loky",
+        backend: Backend = "loky",
         only: str | None = None,
         fresh: bool = False,
         progress: bool = True,
@@ -215,24 +114,7 @@ class Experiment:
         scheduler is a Dask scheduler address, rerun_changed also runs done configs whose code
         fingerprint differs from the current code.
         """
-        if backend not in BACKENDS:
-            raise ResweepError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-        if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
-            raise ResweepError(
-                f"max_workers must be a whole number >= 1, not {max_workers!r}; "
-                "pass --max-workers 1 or more"
-            )
-        if only is not None:
-            only = str(only)
-        from resweep import runner
-
-        # A finished sweep run again need not be named: its marker vouches for the names.
-        finished = runner.finished_key(self) if self.store.finished_path.exists() else None
-        named = None if finished is not None else self.named_configs()
-        return runner.run_experiment(
-            self,
-            named,
-            finished=finished,
+        options = RunOptions(
             max_workers=max_workers,
             retry_failed=retry_failed,
             backend=backend,
@@ -243,17 +125,24 @@ class Experiment:
             scheduler=scheduler,
             rerun_changed=rerun_changed,
         )
+        return self.run_with(options)
+
+    def run_with(self, options: RunOptions) -> RunReport:
+        """run(), with its options already checked in a RunOptions (the command line's way)."""
+        from resweep import runner
+
+        return runner.run_experiment(self, options)
 
     def plan(
         self, *, retry_failed: bool = False, only: str | None = None, rerun_changed: bool = False
     ) -> Plan:
         """What run() would do now, by category; reads the state and writes nothing."""
-        from resweep import provenance, runner
+        from resweep import planning
 
         named = self.named_configs()
         store = self.store
         state = store.read() if store.exists() else State()
-        return runner.plan(
+        return planning.plan(
             state,
             named,
             retry_failed=retry_failed,
@@ -266,11 +155,23 @@ class Experiment:
         """Counts of configs by status: todo, running, done, failed."""
         return self.read_state().counts()
 
-    def replay(self, name: str | None = None) -> Any:
-        """Re-run one done config (or all) here, every cached call answered from the cache."""
-        from resweep import cache
+    def status_report(self) -> StatusReport:
+        """What `status` prints: counts, configs running now, failures, code changes."""
+        from resweep.status import status_report
 
-        return cache.replay_experiment(self, name)
+        return status_report(self.store, provenance.fingerprint(self.function))
+
+    def config_report(self, name: str) -> dict[str, Any]:
+        """What `show` prints: one config's record with its provenance and code comparison."""
+        from resweep.status import config_report
+
+        return config_report(self.store, str(name), provenance.fingerprint(self.function))
+
+    def replay(self, name: str | None = None) -> Replay | list[Replay]:
+        """Re-run one done config (or all) here, every cached call answered from the cache."""
+        from resweep.replay import replay_experiment
+
+        return replay_experiment(self, name)
 
     # -- summaries and maintenance -------------------------------------------------------
 
@@ -301,37 +202,15 @@ class Experiment:
                 store.compact(state)
         return dropped
 
-    def record(self, name: str) -> dict[str, Any]:
+    def config_record(self, name: str) -> ConfigRecord:
         """The state's record of one config; an unknown name is an error that lists close ones."""
-        state = self.store.read_one(str(name))
-        return lookup(state, str(name))
+        from resweep.recovery import read_one_settled
+
+        record: Any = read_one_settled(self.store, str(name)).lookup(str(name))
+        return record  # type: ignore[no-any-return]
 
     def run_cli(self) -> None:
         """The command line: run, status, replay, force_summary, clean_index, show."""
         from resweep import cli
 
         cli.main(self)
-
-
-def lookup(state: State, name: str) -> dict[str, Any]:
-    """One record by name, or an UnknownConfigError that suggests close names."""
-    record = state.configs.get(name)
-    if record is None:
-        import difflib
-
-        names = list(state.configs)
-        if len(names) > MAX_SUGGESTION_CANDIDATES:
-            # difflib over 100,000 names takes seconds: compare with those that start alike.
-            names = [n for n in names if n[:3] == name[:3]][:MAX_SUGGESTION_CANDIDATES]
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        hint = hint or "; the keys under 'configs' in experiment.yaml are the names"
-        raise UnknownConfigError(f"no config named {name!r}{hint}")
-    return record
-
-
-def select(names: Sequence[str], only: str | None) -> list[str]:
-    """The names matching the glob only (all of them when only is None)."""
-    if only is None:
-        return list(names)
-    return [n for n in names if fnmatch.fnmatchcase(n, only)]

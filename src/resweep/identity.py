@@ -393,3 +393,21 @@ def configs_digest(configs: Sequence[Any]) -> str | None:
     digest.update("\n".join([*classes, "--", *nested]).encode())
     digest.update(buffer.getbuffer())
     return digest.hexdigest()
+
+
+def flatten(value: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dicts as one level of dotted keys ({"a": {"b": 1}} -> {"a.b": 1}); {} is a value."""
+    if dict not in set(map(type, value.values())) and set(map(type, value)) <= {str}:
+        return dict(value)  # flat already: the common case, without a call per key
+    out: dict[str, Any] = {}
+    _flatten_into(value, "", out)
+    return out
+
+
+def _flatten_into(value: Mapping[str, Any], prefix: str, out: dict[str, Any]) -> None:
+    for key, item in value.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(item, dict) and item:
+            _flatten_into(item, f"{dotted}.", out)
+        else:
+            out[dotted] = item

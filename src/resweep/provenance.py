@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from resweep.store import now_iso
+from resweep.clock import now_iso
 
 # Distributions whose versions every session records, imported or not.
 TRACKED_DISTRIBUTIONS = (

@@ -10,8 +10,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from resweep.durable import write_atomic
 from resweep.errors import ResweepError, StateError
-from resweep.store import State, Store, write_atomic
+from resweep.identity import flatten
+from resweep.recovery import read_settled
+from resweep.state import State
+from resweep.store import Store
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,35 +32,17 @@ def _param_column(key: str) -> str:
     return f"params.{key}" if key in _FIXED else key
 
 
-def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
-    if (
-        not prefix
-        and type(value) is dict
-        and dict not in set(map(type, value.values()))
-        and set(map(type, value)) <= {str}
-        and "" not in value
-    ):
-        out.update(value)  # flat already: the common case, without a call per key
-        return
-    if isinstance(value, dict) and value:
-        for key, item in value.items():
-            _flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
-    elif prefix:
-        out[prefix] = value
-
-
 def rows(state: State) -> tuple[list[str], list[dict[str, Any]]]:
     """One flat row per config and the columns in order: lead, params, results, tail."""
     param_cols: dict[str, None] = {}
     result_cols: dict[str, None] = {}
     flat_rows = []
     for name, record in state.configs.items():
-        params: dict[str, Any] = {}
-        _flatten(record.get("params") or {}, "", params)
-        result: dict[str, Any] = {}
+        params = flatten(record.get("params") or {})
         raw = record.get("result")
+        result: dict[str, Any] = {}
         if isinstance(raw, dict):
-            _flatten(raw, "", result)
+            result = flatten(raw)
         elif raw is not None:
             result["result"] = raw
         param_cols.update(dict.fromkeys(params))
@@ -108,7 +94,7 @@ def _cells(row: dict[str, Any], columns: list[str]) -> list[Any]:
 def save_summary(store: Store, *, force: bool = False, state: State | None = None) -> Path:
     """Write summary.csv atomically; without force, only when every config is done."""
     if state is None:
-        state = store.read()
+        state = read_settled(store)[0]
     counts = state.counts()
     if not force and counts["done"] != len(state.configs):
         pending = ", ".join(f"{v} {k}" for k, v in counts.items() if v and k != "done")
@@ -146,7 +132,7 @@ def load_summary(output_dir: str | os.PathLike[str]) -> pd.DataFrame:
 def _string_columns(store: Store) -> list[str]:
     """Columns the state holds only strings in, so that '007' or 'true' is not read as 7 or True."""
     try:
-        columns, table = rows(store.read())
+        columns, table = rows(read_settled(store)[0])
     except ResweepError:
         return []
     return [
@@ -174,46 +160,47 @@ class ExperimentView:
 
     def __init__(self, output_dir: str | os.PathLike[str]) -> None:
         self.store = Store(output_dir)
-        self._state = self.store.read()
+        # The state as read last (refresh() reads it again).
+        self.state: State = read_settled(self.store)[0]
 
     @property
     def name(self) -> str | None:
-        return self._state.name
+        return self.state.name
 
     @property
     def description(self) -> str | None:
-        return self._state.description
+        return self.state.description
 
     def refresh(self) -> ExperimentView:
         """Read the state again (a run may still be going)."""
-        self._state = self.store.read()
+        self.state = read_settled(self.store)[0]
         return self
 
     def status(self) -> dict[str, int]:
-        return self._state.counts()
+        return self.state.counts()
 
     @property
     def configs(self) -> pd.DataFrame:
         """Every config: name, status, attempts and params, one row each."""
-        columns, table = rows(self._state)
+        columns, table = rows(self.state)
         params = self._param_columns()
         return _frame(["name", "status", "attempts", *[c for c in columns if c in params]], table)
 
     @property
     def results(self) -> pd.DataFrame:
         """The done configs with their params and results: the summary, read from the state."""
-        columns, table = rows(self._state)
+        columns, table = rows(self.state)
         return _frame(columns, [row for row in table if row["status"] == "done"])
 
     def summary(self) -> pd.DataFrame:
         """Every config, in the summary's columns, whether or not summary.csv exists yet."""
-        columns, table = rows(self._state)
+        columns, table = rows(self.state)
         return _frame(columns, table)
 
     def _param_columns(self) -> set[str]:
         out: dict[str, Any] = {}
-        for record in self._state.configs.values():
-            _flatten(record.get("params") or {}, "", out)
+        for record in self.state.configs.values():
+            out.update(flatten(record.get("params") or {}))
         return set(map(_param_column, out))
 
     def __repr__(self) -> str:

@@ -159,7 +159,7 @@ def test_a_full_disk_while_writing_a_result_leaves_that_config_todo(
     out = small_disk / "out"
     first = _run(tmp_path, out, RESULT_BYTES="90000")
     _one_line_error(first)
-    state = resweep.open(out)._state
+    state = resweep.open(out).state
     for name, record in state.configs.items():
         if record["status"] == "done":
             assert len(record["result"]["blob"]) == 90000, name

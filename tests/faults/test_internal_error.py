@@ -81,10 +81,10 @@ def saved_state(script: Path) -> dict[str, dict[str, object]]:
 
 
 BUGS = [
-    ("resweep.runner._Scheduler._absorb", 4, "threading"),
-    ("resweep.runner._Scheduler._absorb", 3, "loky"),
-    ("resweep.store.Recorder.update", 12, "threading"),
-    ("resweep.store.Recorder.write", 5, "threading"),
+    ("resweep.runner.Scheduler.absorb", 4, "threading"),
+    ("resweep.runner.Scheduler.absorb", 3, "loky"),
+    ("resweep.store.StateWriter.update", 12, "threading"),
+    ("resweep.store.StateWriter.write", 5, "threading"),
 ]
 
 
@@ -143,7 +143,7 @@ def test_user_failures_keep_accumulating(script: Path) -> None:
 def test_user_failures_before_a_bug_stay_failed(script: Path) -> None:
     """User failures recorded before a resweep bug stay failed; the bug alone stops the run."""
     failing = run(
-        script, "threading", FAIL_EVERY="2", BUG_IN="resweep.runner._Scheduler._absorb", BUG_AT="6"
+        script, "threading", FAIL_EVERY="2", BUG_IN="resweep.runner.Scheduler.absorb", BUG_AT="6"
     )
     assert failing.returncode == 1, failing.stderr
     assert "RuntimeError: injected bug" in (script.parent / "out" / "run_failure.txt").read_text()
@@ -164,7 +164,7 @@ def test_user_failures_before_a_bug_stay_failed(script: Path) -> None:
 
 def test_no_config_finishes_unrecorded_after_a_bug(script: Path) -> None:
     """After a bug stops a loky run, no worker goes on to run or store a config the state calls todo."""
-    failing = run(script, "loky", BUG_IN="resweep.runner._Scheduler._absorb", BUG_AT="3")
+    failing = run(script, "loky", BUG_IN="resweep.runner.Scheduler.absorb", BUG_AT="3")
     assert failing.returncode == 1, failing.stderr
     state = saved_state(script)
     configs = script.parent / "out" / "configs"

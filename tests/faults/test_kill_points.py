@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from resweep.store import CRASH_EXIT_CODE
+from resweep.durable import CRASH_EXIT_CODE
 
 EXPERIMENT = textwrap.dedent(
     """

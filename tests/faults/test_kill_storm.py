@@ -80,7 +80,7 @@ def _storm(tmp_path: Path, n_configs: int, kills: int, seed: int) -> tuple[int, 
         if not state_file.exists():
             continue
         yaml.safe_load(state_file.read_text())  # parses after every kill
-        state = resweep.open(tmp_path / "out")._state
+        state = resweep.open(tmp_path / "out").state
         now_done = {n: r["result"] for n, r in state.configs.items() if r["status"] == "done"}
         assert set(done) <= set(now_done), "a done config was lost"
         for name, result in done.items():
@@ -91,7 +91,7 @@ def _storm(tmp_path: Path, n_configs: int, kills: int, seed: int) -> tuple[int, 
         done = now_done
     final = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr
-    state = resweep.open(tmp_path / "out")._state
+    state = resweep.open(tmp_path / "out").state
     assert state.counts()["done"] == n_configs
     runs = collections.Counter((tmp_path / "executions.log").read_text().split())
     assert set(runs) == set(state.configs)

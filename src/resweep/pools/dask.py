@@ -1,4 +1,4 @@
-"""The Dask backend: a cluster to run configs on, and what each remote config ships back."""
+"""The Dask pool: a cluster to run configs on, and what each remote config ships back."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ import os
 import pickle
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,29 +23,41 @@ import distributed
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from resweep import cache
+from resweep.clock import now_iso
+from resweep.durable import write_atomic
 from resweep.errors import ResweepError
-from resweep.runner import (
+from resweep.files import (
+    CONFIGS_DIR,
+    WORKERS_DIR,
+    append_log,
+    config_path,
+    log_header,
+    prepare_config_dir,
+    write_failure,
+    write_result,
+)
+from resweep.pools.base import Returned, batch_size, timeout_reason
+from resweep.worker import (
     STORAGE_ERRNOS,
     Job,
     Outcome,
     Task,
-    _error_line,
-    _faulted,
-    _Router,
     call_config,
-)
-from resweep.store import (
-    CONFIGS_DIR,
-    EXCEPTION_FILE,
-    LOG_FILE,
-    RESULT_FILE,
-    WORKERS_DIR,
-    Store,
-    now_iso,
-    write_atomic,
-    write_result,
+    error_line,
+    fault_text,
+    faulted,
+    install_router,
+    setup_worker,
+    stored_result,
 )
 
+# Configs out on the cluster per worker thread (running or queued at the scheduler).
+DASK_QUEUED_PER_THREAD = 8
+# Configs faster than this on average travel several to a task (a lost worker re-runs its
+# whole batch, so slower ones go one per task). Each also costs about DASK_CONFIG_OVERHEAD_S
+# outside its function: scratch directory, scratch cache, shipping back, landing.
+DASK_BATCH_BELOW_S = 0.02
+DASK_CONFIG_OVERHEAD_S = 0.001
 # How long connecting to a scheduler may take before the run gives up.
 CONNECT_TIMEOUT_S = 20.0
 # How often the coordinator asks the scheduler how many threads the cluster has now.
@@ -151,18 +162,11 @@ def _prepare_remote(token: str) -> _Remote:
             ) from None
         job = pickle.loads(blob)
         assert isinstance(job, Job)
-        if not isinstance(sys.stdout, _Router):
-            # print() inside a config goes to that config's log; elsewhere to the real stream.
-            sys.stdout = _Router(sys.stdout)
-            sys.stderr = _Router(sys.stderr)
+        # print() inside a config goes to that config's log; elsewhere to the real stream.
+        install_router()
         scratch = Path(distributed.get_worker().local_directory, f"{SCRATCH_PREFIX}{token}")
         scratch.mkdir(parents=True, exist_ok=True)
-        setup_error = None
-        if job.per_worker is not None:
-            try:
-                job.per_worker(job.setup_value)
-            except Exception as exc:
-                setup_error = f"setup.per_worker failed: {_error_line(exc)}"
+        setup_error = setup_worker(job)
         remote = _Remote(job, setup_error, scratch, _sees_output_dir(job), report_starts)
         _prepared[token] = remote
         return remote
@@ -183,10 +187,7 @@ class _TextLog(io.TextIOBase):
             return 0
         with self._lock:
             if not self._parts:
-                host = socket.gethostname()
-                self._parts.append(
-                    f"--- attempt {self._attempt}, {now_iso()}, pid {os.getpid()} on {host}\n"
-                )
+                self._parts.append(log_header(self._attempt, remote=True))
             if self._size + len(text) > LOG_LIMIT_CHARS:
                 self._dropped += len(text)
             else:
@@ -243,19 +244,19 @@ def _execute_remote(
             # The scratch cache holds this config's calls so far: a retry pays only for new ones.
             handle = cache.open_cache(remote.scratch)
             handle.evict(task.name, retry=True)
-            cache.record(handle, task.name, recorded)
+            cache.add_calls(handle, task.name, recorded)
     except OSError as exc:
         if exc.errno in STORAGE_ERRNOS:  # the worker's disk failed, not the config
-            return _faulted(task, start_time, exc), Shipment("", None, [])
-        setup_error = f"cannot prepare the config on this worker: {_error_line(exc)}"
+            return faulted(task, start_time, exc), Shipment("", None, [])
+        setup_error = f"cannot prepare the config on this worker: {error_line(exc)}"
     call = call_config(job, task, config_dir, log, remote.scratch, stats, setup_error)
     if isinstance(call, OSError):
-        return _faulted(task, start_time, call), Shipment("", None, [])
+        return faulted(task, start_time, call), Shipment("", None, [])
     ok, result, error, trace = call
     duration_s = time.perf_counter() - started
     if handle is not None:
         seeded = {key for key, _ in recorded}
-        entries = [e for e in cache.recorded(handle, task.name) if e[0] not in seeded]
+        entries = [e for e in cache.calls_of(handle, task.name) if e[0] not in seeded]
         handle.evict(task.name, retry=True)
     if not remote.shared:
         shutil.rmtree(config_dir, ignore_errors=True)
@@ -277,14 +278,23 @@ def _quiet_dask_logs() -> None:
 
 
 class DaskPool:
-    """A Dask client used as the scheduler loop's executor: one task per batch of configs."""
+    """A Dask client as a pool: one task per batch of configs, results landed here."""
 
-    def __init__(self, client: Any, cluster: Any, where: str) -> None:
-        self.client = client
+    inline = False
+    # A batch that kills its worker is Dask's to re-run; other batches go on.
+    isolates_batches = True
+
+    def __init__(self, address: str | None, max_workers: int) -> None:
+        self.address = address
+        self.client: Any = None
         # Set when this run started the cluster itself (no --scheduler): closed at the end.
-        self.cluster = cluster
-        self.where = where
-        self.executor = client.get_executor(pure=False)
+        self.cluster: Any = None
+        self.where = (
+            "the local Dask cluster" if address is None else f"the Dask scheduler at {address}"
+        )
+        self.max_workers = max_workers
+        self.executor: Any = None
+        self.futures: dict[Future[Any], list[Task]] = {}
         self.keys: dict[Future[Any], str] = {}
         # Task key -> (config, attempt, worker address, when its start was heard), for timeout_s:
         # the config of a batch that started last is the one running.
@@ -292,7 +302,7 @@ class DaskPool:
         # The keys of the tasks out now: a start heard late from a dropped task is ignored.
         self._live: set[str] = set()
         self.job: Job | None = None
-        self.store: Store | None = None
+        self.timeout_s: float | None = None
         self.cache: Any = None
         # The configs with recorded calls: only those need a cache lookup when sent out.
         self.recorded: set[str] = set()
@@ -302,37 +312,50 @@ class DaskPool:
         # Writing results is disk-bound: a few threads keep up with many workers.
         self._writers = ThreadPoolExecutor(4, thread_name_prefix="resweep-land")
         self._probe: Path | None = None
+        self.queue_dropped = False
+        self._closed = False
 
-    @classmethod
-    def connect(cls, address: str | None, max_workers: int) -> DaskPool:
+    def _connect(self) -> None:
         """Connect to the scheduler at address, or start a local cluster of max_workers processes."""
-        if address is None:
-            cluster = _distributed.LocalCluster(
-                n_workers=max_workers,
+        if self.address is None:
+            self.cluster = _distributed.LocalCluster(
+                n_workers=self.max_workers,
                 threads_per_worker=1,
                 processes=True,
                 # Any free port: a fixed one clashes with other clusters on the machine.
                 dashboard_address=":0",
                 silence_logs=logging.ERROR,
             )
-            return cls(_distributed.Client(cluster), cluster, "the local Dask cluster")
+            self.client = _distributed.Client(self.cluster)
+        else:
+            try:
+                self.client = _distributed.Client(self.address, timeout=CONNECT_TIMEOUT_S)
+            except Exception as error:
+                raise ResweepError(
+                    f"cannot reach the Dask scheduler at {self.address} ({error_line(error)}); "
+                    "start it, or check --scheduler"
+                ) from None
+        self.executor = self.client.get_executor(pure=False)
+
+    def start(self, job: Job, *, timeout_s: float | None) -> None:
+        """Hand the run to every worker, and let them tell whether they see output_dir."""
+        import cloudpickle
+
         try:
-            client = _distributed.Client(address, timeout=CONNECT_TIMEOUT_S)
+            blob = cloudpickle.dumps(job)
         except Exception as error:
             raise ResweepError(
-                f"cannot reach the Dask scheduler at {address} ({_error_line(error)}); start it, "
-                "or check --scheduler"
+                f"the experiment cannot be sent to worker processes ({error_line(error)}); "
+                "make function, context and setup picklable, or use backend='threading'"
             ) from None
-        return cls(client, None, f"the Dask scheduler at {address}")
-
-    def start(self, job: Job, blob: bytes, *, report_starts: bool) -> None:
-        """Hand the run to every worker, and let them tell whether they see output_dir."""
+        self._connect()
         self.job = job
-        self.store = Store(job.output_dir)
+        self.timeout_s = timeout_s
+        report_starts = timeout_s is not None
         if job.cache:
             self.cache = cache.open_cache(job.output_dir)
             self.recorded = cache.tags(self.cache)
-        probe = self.store.root / WORKERS_DIR / f"probe-{job.token}"
+        probe = Path(job.output_dir, WORKERS_DIR, f"probe-{job.token}")
         probe.parent.mkdir(exist_ok=True)
         write_atomic(probe, job.token, durable=False)
         self._probe = probe
@@ -347,27 +370,111 @@ class DaskPool:
         if key in self._live:
             self.started[str(key)] = (str(name), int(attempt), str(worker), time.monotonic())
 
-    def submit(self, batches: list[list[Task]]) -> list[Future[Any]]:
+    def capacity(self) -> int:
+        """A Dask result crosses the network twice; more configs queued hide that delay."""
+        return DASK_QUEUED_PER_THREAD * max(self.max_workers, self.slots())
+
+    def batch_size(self, mean_config_s: float | None, pending: int) -> int:
+        # A lost Dask worker re-runs its batch: a slow config is its own task.
+        if mean_config_s is not None and mean_config_s >= DASK_BATCH_BELOW_S:
+            return 1
+        workers = max(self.max_workers, self.slots())
+        return batch_size(mean_config_s, DASK_CONFIG_OVERHEAD_S, pending, workers)
+
+    def submit(self, batches: list[list[Task]]) -> None:
         """Send batches of configs to the cluster, each with the calls its configs recorded."""
         assert self.job is not None
-        futures = []
         for batch in batches:
             recorded = {}
             if self.cache is not None:
                 for task in batch:
                     if task.name in self.recorded:
-                        recorded[task.name] = cache.recorded(self.cache, task.name)
+                        recorded[task.name] = cache.calls_of(self.cache, task.name)
             key = f"{SCRATCH_PREFIX}{self.job.token[:8]}-{next(self._seq)}"
             future: Future[Any] = self.executor.submit(
                 run_remote, self.job.token, batch, recorded, key=key
             )
             self.keys[future] = key
             self._live.add(key)
-            futures.append(future)
-        return futures
+            self.futures[future] = batch
+
+    def out(self) -> int:
+        return len(self.futures)
+
+    def wait(self, timeout_s: float, in_flight: dict[str, Task], *, stopping: bool) -> Returned:
+        """Land what came back; watch the scheduler, the stop and overdue configs."""
+        returned = Returned()
+        finished, _ = wait(list(self.futures), timeout=timeout_s, return_when=FIRST_COMPLETED)
+        if finished:
+            self._collect(finished, in_flight, returned)
+        if not self.alive():
+            raise self.lost()
+        if stopping and not self.queue_dropped:
+            # Configs no worker has started do not hold the stop up; this attempt did not happen.
+            self.queue_dropped = True
+            for future in self.unstarted(list(self.futures)):
+                for task in self._drop(future):
+                    returned.again.append((task, _not_started(task)))
+        if self.timeout_s is not None:
+            self._stop_overdue(in_flight, returned)
+        return returned
+
+    def _collect(
+        self, finished: set[Future[Any]], in_flight: dict[str, Task], returned: Returned
+    ) -> None:
+        """Record every config that came back; write its files and calls under output_dir."""
+        shipped: list[tuple[Outcome, Shipment]] = []
+        try:
+            for future in finished:
+                batch = self.futures.pop(future)
+                pairs = self._outcomes(future, batch)
+                if pairs is None:
+                    # Its batch killed every worker it ran on: the same attempt runs again, alone.
+                    returned.suspects += [(task, _not_started(task)) for task in batch]
+                    continue
+                for outcome, shipment in pairs:
+                    task = in_flight.get(outcome.name)
+                    # Only the first outcome of an attempt counts.
+                    if task is None or task.attempt != outcome.attempt:
+                        continue
+                    returned.outcomes.append(outcome)
+                    if shipment is not None:
+                        shipped.append((outcome, shipment))
+        finally:
+            # Even when the scheduler is lost, what did come back is written (and then recovered).
+            if len(shipped) > 1:
+                list(self._writers.map(lambda pair: self.land(*pair), shipped))
+            elif shipped:
+                self.land(*shipped[0])
+
+    def _stop_overdue(self, in_flight: dict[str, Task], returned: Returned) -> None:
+        """Fail configs that outlived timeout_s and restart their workers."""
+        assert self.timeout_s is not None
+        by_name = {task.name: future for future, batch in self.futures.items() for task in batch}
+        stuck = []
+        for name, worker in self.overdue(in_flight, self.timeout_s):
+            future = by_name[name]
+            if future not in self.futures:
+                continue
+            for task in self._drop(future):
+                if task.name != name:
+                    # The rest of its batch: outcomes lost with the task, the same attempt again.
+                    returned.again.append((task, _not_started(task)))
+                    continue
+                returned.failed.append((task, timeout_reason(self.timeout_s)))
+            stuck.append(worker)
+        if stuck:
+            # Code blocked in C cannot be interrupted: its worker process is restarted instead.
+            self.restart(stuck)
+
+    def _drop(self, future: Future[Any]) -> list[Task]:
+        """Take a task off the cluster; its configs are no longer out."""
+        batch = self.futures.pop(future)
+        self.cancel(future)
+        return batch
 
     def alive(self) -> bool:
-        return bool(self.client.status == "running")
+        return self.client is not None and bool(self.client.status == "running")
 
     def lost(self) -> ResweepError:
         _quiet_dask_logs()
@@ -384,35 +491,6 @@ class DaskPool:
                 size = sum(self.client.nthreads().values())
             self._size = (size, now)
         return size
-
-    def collect(
-        self, finished: list[tuple[Future[Any], list[Task]]]
-    ) -> tuple[list[Outcome], list[Task]]:
-        """The outcomes of finished batches, their files and calls written under output_dir.
-
-        Also the configs to run again one per task: those of a batch that killed every worker
-        it ran on, where any one of them may be the cause.
-        """
-        outcomes: list[Outcome] = []
-        shipped: list[tuple[Outcome, Shipment]] = []
-        alone: list[Task] = []
-        try:
-            for future, batch in finished:
-                pairs = self._outcomes(future, batch)
-                if pairs is None:
-                    alone += batch
-                    continue
-                for outcome, shipment in pairs:
-                    outcomes.append(outcome)
-                    if shipment is not None:
-                        shipped.append((outcome, shipment))
-        finally:
-            # Even when the scheduler is lost, what did come back is written (and then recovered).
-            if len(shipped) > 1:
-                list(self._writers.map(lambda pair: self.land(*pair), shipped))
-            elif shipped:
-                self.land(*shipped[0])
-        return outcomes, alone
 
     def _outcomes(
         self, future: Future[Any], batch: list[Task]
@@ -445,7 +523,7 @@ class DaskPool:
             if not self.alive():
                 raise self.lost() from None
             raise ResweepError(
-                f"a Dask worker could not run {which}: {_error_line(error)}; the "
+                f"a Dask worker could not run {which}: {error_line(error)}; the "
                 "workers need the same Python packages as this machine"
             ) from None
         assert isinstance(pairs, list) and len(pairs) == len(batch)
@@ -453,53 +531,24 @@ class DaskPool:
 
     def land(self, outcome: Outcome, shipment: Shipment) -> None:
         """Write a remote config's calls, log and result file, before its outcome is journaled."""
-        assert self.job is not None and self.store is not None
+        assert self.job is not None
         if outcome.fault is not None:
             return
-        config_dir = self.store.config_dir(outcome.name)
+        config_dir = config_path(self.job.output_dir, outcome.name)
         try:
             if shipment.entries and self.cache is not None:
-                cache.record(self.cache, outcome.name, shipment.entries)
+                cache.add_calls(self.cache, outcome.name, shipment.entries)
                 self.recorded.add(outcome.name)
-            try:
-                os.mkdir(config_dir)
-                fresh = True
-            except FileExistsError:
-                fresh = False
-            except FileNotFoundError:
-                config_dir.mkdir(parents=True, exist_ok=True)
-                fresh = False
-            if shipment.log or shipment.trace:
-                with open(config_dir / LOG_FILE, "a", encoding="utf-8", errors="replace") as log:
-                    log.write(shipment.log)
-                    if shipment.trace is not None:
-                        log.write(
-                            f"--- attempt {outcome.attempt} failed, {outcome.end_time}\n"
-                            f"{shipment.trace}"
-                        )
-            if not fresh:  # only a directory that was there can hold an earlier attempt's file
-                stale = EXCEPTION_FILE if outcome.ok else RESULT_FILE
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(config_dir / stale)
+            prepare_config_dir(config_dir)
+            append_log(config_dir, shipment.log)
             if outcome.ok:
-                meta = {
-                    "attempt": outcome.attempt,
-                    "end_time": outcome.end_time,
-                    "duration_s": outcome.duration_s,
-                    "cache_hits": outcome.cache_hits,
-                    "cache_misses": outcome.cache_misses,
-                    "session": self.job.session,
-                    "fingerprint": self.job.fingerprint,
-                }
-                write_result(config_dir, outcome.result, meta)
+                write_result(config_dir, stored_result(self.job, outcome))
             elif shipment.trace is not None:
-                write_atomic(config_dir / EXCEPTION_FILE, shipment.trace, durable=False)
+                write_failure(config_dir, outcome.attempt, outcome.end_time, shipment.trace)
         except OSError as exc:
             if exc.errno not in STORAGE_ERRNOS:
                 raise
-            outcome.fault = (
-                f"{os.strerror(exc.errno or 0)} while writing {exc.filename or 'a file'}"
-            )
+            outcome.fault = fault_text(exc)
 
     def unstarted(self, futures: Iterable[Future[Any]]) -> list[Future[Any]]:
         """The futures whose config no worker has taken yet (a graceful stop drops them)."""
@@ -548,7 +597,7 @@ class DaskPool:
             try:
                 states = self.client.restart_workers(addresses, raise_for_error=False)
             except Exception as error:
-                states = {a: _error_line(error) for a in addresses}
+                states = {a: error_line(error) for a in addresses}
             for address, state in dict(states).items():
                 if state != "OK":
                     print(
@@ -560,30 +609,45 @@ class DaskPool:
 
         threading.Thread(target=restart, name="resweep-restart", daemon=True).start()
 
-    def shutdown(self, wait: bool = True, **kwargs: Any) -> None:
+    def stop(self, *, kill: bool) -> None:
         """Cancel every task of this run still on the cluster (a stop, or an error)."""
         keys = list(self.keys.values())
         self.keys.clear()
         self._live.clear()
+        self.futures.clear()
         if keys and self.alive():
             with contextlib.suppress(Exception):
                 self.client.cancel(keys, force=True)
 
-    def close(self) -> None:
+    def executing(self) -> set[str] | None:
+        return None
+
+    def close(self, *, finished: bool = True) -> None:
         """Take the run off the workers; close the client, and the cluster this run started."""
+        if self._closed:
+            return
+        self._closed = True
         self._writers.shutdown(wait=True)
         if self._probe is not None:
             with contextlib.suppress(OSError):
                 self._probe.unlink()
-        if self.alive():
-            self.shutdown()
+        if self.client is None:
+            pass
+        elif self.alive():
+            self.stop(kill=True)
             if self._plugin is not None:
                 with contextlib.suppress(Exception):
                     self.client.unregister_worker_plugin(self._plugin)
         else:
             _quiet_dask_logs()
-        with contextlib.suppress(Exception):
-            self.client.close(timeout=CLOSE_TIMEOUT_S)
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close(timeout=CLOSE_TIMEOUT_S)
         if self.cluster is not None:
             with contextlib.suppress(Exception):
                 self.cluster.close(timeout=CLOSE_TIMEOUT_S)
+
+
+def _not_started(task: Task) -> dict[str, Any]:
+    """The record of a config whose attempt is to run again as if it had not started."""
+    return {"status": "todo", "attempts": task.attempt - 1}

@@ -1,0 +1,234 @@
+"""Every path under output_dir but the state's: config directories, results, logs, markers."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from resweep.clock import now_iso
+from resweep.durable import persisted, write_all, write_atomic
+from resweep.encoding import decode_flow, encode_flow, encode_line, yaml_error
+
+CONFIGS_DIR = "configs"
+RESULT_FILE = "result.yaml"
+LOG_FILE = "log.txt"
+EXCEPTION_FILE = "exception.txt"
+# Written next to the saved state when a run stops on an error inside resweep.
+RUN_FAILURE_FILE = "run_failure.txt"
+RESULT_META_PREFIX = "# resweep: "
+# The meta line's key for the length of the result line, which tells a whole file from a cut one.
+RESULT_BYTES_KEY = "bytes"
+# Where each worker process of a run says which config it is running now.
+WORKERS_DIR = ".workers"
+MARKER_BYTES = 1024
+
+
+def config_path(root: str | os.PathLike[str], name: str) -> str:
+    """configs/<name> under root, as a string: most configs never need a Path of it."""
+    return f"{os.fspath(root)}{os.sep}{CONFIGS_DIR}{os.sep}{name}"
+
+
+def prepare_config_dir(config_dir: str | os.PathLike[str]) -> None:
+    """Make a config's directory, or clear the files an earlier attempt left in it."""
+    try:
+        os.mkdir(config_dir)
+    except FileExistsError:
+        # Only a directory that was there can hold files of an earlier attempt.
+        for stale in (RESULT_FILE, EXCEPTION_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(config_dir, stale))
+    except FileNotFoundError:
+        os.makedirs(config_dir, exist_ok=True)
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class StoredResult:
+    """A finished config's result with what recovery needs: written before it is recorded."""
+
+    result: Any
+    attempt: int
+    end_time: str | None
+    duration_s: float | None
+    cache_hits: int = 0
+    cache_misses: int = 0
+    session: str | None = None
+    fingerprint: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The state's fields for a config whose result file was written but never recorded."""
+        return {
+            "status": "done",
+            "result": self.result,
+            "error": None,
+            "end_time": self.end_time,
+            "duration_s": self.duration_s,
+            "cache_hits": self.cache_hits,
+            "cache_misses": self.cache_misses,
+            "session": self.session,
+            "fingerprint": self.fingerprint,
+        }
+
+
+_META_KEYS = tuple(f.name for f in dataclasses.fields(StoredResult) if f.name != "result")
+
+
+def write_result(config_dir: str | os.PathLike[str], stored: StoredResult) -> None:
+    """Write result.yaml, whose comment line keeps what a crash recovery needs.
+
+    Written in place, not through a renamed temporary file: the comment line gives the result
+    line's length in bytes, so a file cut short by a crash reads as no result at all.
+    """
+    data = encode_flow(stored.result).encode("utf-8")
+    meta = {key: getattr(stored, key) for key in _META_KEYS}
+    meta[RESULT_BYTES_KEY] = len(data)
+    head = f"{RESULT_META_PREFIX}{encode_line(meta)}\n".encode()
+    path = os.path.join(config_dir, RESULT_FILE)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_all(fd, head + data + b"\n")
+    finally:
+        os.close(fd)
+    persisted("result-write")
+
+
+def read_result(config_dir: str | os.PathLike[str]) -> StoredResult | None:
+    """The stored result, or None when the file is missing, unreadable or cut short."""
+    try:
+        text = Path(config_dir, RESULT_FILE).read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+        return None
+    first, _, rest = text.partition("\n")
+    if not first.startswith(RESULT_META_PREFIX):
+        return None
+    try:
+        meta = json.loads(first.removeprefix(RESULT_META_PREFIX))
+        if not isinstance(meta, dict) or not isinstance(meta.get("attempt"), int):
+            return None
+        size = meta.pop(RESULT_BYTES_KEY, None)
+        if size is not None and (len(rest.encode("utf-8")) != size + 1 or rest[-1:] != "\n"):
+            return None  # cut short by a crash while it was written
+        result = decode_flow(rest)
+    except (ValueError, yaml_error()):
+        return None
+    known = {key: meta[key] for key in _META_KEYS if key in meta}
+    return StoredResult(result=result, **known)
+
+
+# -- logs and failures -----------------------------------------------------------------------
+
+
+def log_header(attempt: int, *, remote: bool = False) -> str:
+    """The line that opens an attempt's part of log.txt; a remote one names its host."""
+    where = f" on {socket.gethostname()}" if remote else ""
+    return f"--- attempt {attempt}, {now_iso()}, pid {os.getpid()}{where}\n"
+
+
+def append_log(config_dir: str | os.PathLike[str], text: str) -> None:
+    """Add text to a config's log.txt (log.txt keeps every attempt)."""
+    if text:
+        with open(
+            os.path.join(config_dir, LOG_FILE), "a", encoding="utf-8", errors="replace"
+        ) as log:
+            log.write(text)
+
+
+def write_failure(
+    config_dir: str | os.PathLike[str], attempt: int, end_time: str, trace: str
+) -> None:
+    """A failed attempt's traceback: log.txt keeps every attempt's, exception.txt the last one."""
+    write_atomic(Path(config_dir, EXCEPTION_FILE), trace, durable=False)
+    append_log(config_dir, f"--- attempt {attempt} failed, {end_time}\n{trace}")
+
+
+class LazyLog(io.TextIOBase):
+    """A config's log.txt, opened on first write so that silent configs cost no file."""
+
+    def __init__(self, path: str | os.PathLike[str], attempt: int) -> None:
+        self._path = path
+        self._attempt = attempt
+        self._handle: io.TextIOWrapper | None = None
+
+    def write(self, text: str) -> int:
+        if not text:
+            return 0
+        if self._handle is None:
+            self._handle = open(self._path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 (closed by close())
+            self._handle.write(log_header(self._attempt))
+        return self._handle.write(text)
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        super().close()
+
+
+# -- markers: which config each worker process runs now ------------------------------------
+
+
+class Marker:
+    """This worker process's marker file, rewritten in place whenever it starts or ends a config."""
+
+    def __init__(self, markers_dir: str | os.PathLike[str]) -> None:
+        path = os.path.join(markers_dir, str(os.getpid()))
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def mark(self, name: str) -> None:
+        """Say which config this process runs now ('' for none)."""
+        record = f"{time.time():.3f} {name}".encode()[:MARKER_BYTES]
+        os.pwrite(self._fd, record.ljust(MARKER_BYTES), 0)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+def read_markers(markers_dir: str | os.PathLike[str]) -> dict[str, tuple[int, float]]:
+    """The configs that worker processes were running: name -> (pid, start time)."""
+    running = {}
+    try:
+        entries = list(os.scandir(markers_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    for entry in entries:
+        try:
+            with open(entry.path, "rb") as handle:
+                stamp, _, name = handle.read(MARKER_BYTES).decode().strip().partition(" ")
+            running[name] = (int(entry.name), float(stamp))
+        except (OSError, ValueError):
+            continue
+    running.pop("", None)
+    return running
+
+
+def clear_markers(markers_dir: str | os.PathLike[str]) -> None:
+    """Forget what dead worker processes were running: the next pool's write anew."""
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(markers_dir):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
+def remove_workers_dir(root: str | os.PathLike[str]) -> None:
+    """Drop a run's markers once nothing needs them: read when settling, written anew by a run."""
+    import shutil
+
+    shutil.rmtree(os.path.join(root, WORKERS_DIR), ignore_errors=True)

@@ -1,0 +1,123 @@
+"""The experiment lock: one run at a time per output_dir, and who holds it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from resweep.clock import now_iso
+from resweep.durable import write_atomic
+from resweep.encoding import encode_flow
+from resweep.errors import LockedError
+
+LOCK_FILE = ".lock"
+RUN_FILE = "run.json"
+# How long a refused run waits for the lock's new holder to write run.json.
+HOLDER_WAIT_S = 2.0
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Who holds the experiment: shown to a second run that finds it busy."""
+
+    host: str
+    pid: int
+    start_time: str
+
+    @staticmethod
+    def current() -> RunInfo:
+        return RunInfo(socket.gethostname(), os.getpid(), now_iso())
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on host {self.host}, started {self.start_time}"
+
+    def provably_dead(self) -> bool:
+        """On this host with no such process: nobody is running under this record."""
+        return self.host == socket.gethostname() and not pid_alive(self.pid)
+
+
+def _read_run_file(run_path: Path) -> RunInfo | None:
+    try:
+        return RunInfo(**json.loads(run_path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def holder(root: Path, wait_s: float = HOLDER_WAIT_S) -> RunInfo | None:
+    """Who holds the lock, from run.json; waits a moment for a holder that just took it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        info = _read_run_file(root / RUN_FILE)
+        # A run.json left by a dead run names a dead pid: the new holder has not written yet.
+        if info is not None and not info.provably_dead():
+            return info
+        if time.monotonic() > deadline:
+            return info
+        time.sleep(0.02)
+
+
+def active_run(root: Path) -> RunInfo | None:
+    """The run holding the experiment now; None when there is none or its process is gone."""
+    info = _read_run_file(root / RUN_FILE)
+    return None if info is None or info.provably_dead() else info
+
+
+@contextlib.contextmanager
+def hold(root: Path, *, break_lock: bool = False) -> Iterator[RunInfo]:
+    """Hold the experiment for one run; a lock dies with its holder's process."""
+    import filelock
+
+    lock_path = root / LOCK_FILE
+    run_path = root / RUN_FILE
+    lock = filelock.FileLock(str(lock_path), is_singleton=False)
+    try:
+        lock.acquire(blocking=False)
+    except filelock.Timeout:
+        found = holder(root)
+        described = found.describe() if found else "holder unknown"
+        if not break_lock:
+            raise LockedError(
+                f"another run is active on {root}: {described}; wait for it to end, "
+                "or if it is dead on another host, run again with --break-lock"
+            ) from None
+        if found is not None and found.host == socket.gethostname():
+            # flock dies with its holder: a held lock on this host has a living holder.
+            raise LockedError(
+                f"another run is active on {root}: {described}, alive on this host; "
+                f"stop it first (kill {found.pid}), --break-lock only takes over a dead run"
+            ) from None
+        # Taking over: a new lock file, so the old holder's lock no longer counts.
+        with contextlib.suppress(FileNotFoundError):
+            lock_path.unlink()
+        lock = filelock.FileLock(str(lock_path), is_singleton=False)
+        try:
+            lock.acquire(blocking=False)
+        except filelock.Timeout:
+            raise LockedError(
+                f"another run took {root} while breaking its lock; try again"
+            ) from None
+    info = RunInfo.current()
+    try:
+        write_atomic(run_path, encode_flow(asdict(info)) + "\n", durable=False)
+        yield info
+    finally:
+        with contextlib.suppress(OSError):
+            run_path.unlink()
+        lock.release()

@@ -1,0 +1,63 @@
+"""RunOptions: how one run goes, checked once and passed from the CLI to the scheduler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from resweep.errors import ResweepError
+
+Backend = Literal["loky", "threading", "sequential", "dask"]
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """Everything a run takes besides the experiment: Experiment.run's keywords."""
+
+    max_workers: int = 1
+    retry_failed: bool = False
+    backend: Backend = "loky"
+    # A glob on config names.
+    only: str | None = None
+    # Ignore the recorded calls of the configs this run runs.
+    fresh: bool = False
+    progress: bool = True
+    # Take over a lock whose holder cannot be proven dead (another host).
+    break_lock: bool = False
+    # A Dask scheduler's address, for backend "dask".
+    scheduler: str | None = None
+    # Also run done configs whose code fingerprint differs from the current code.
+    rerun_changed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ResweepError(
+                f"unknown backend {self.backend!r}; use one of {', '.join(BACKENDS)}"
+            )
+        workers = self.max_workers
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ResweepError(
+                f"max_workers must be a whole number >= 1, not {workers!r}; "
+                "pass --max-workers 1 or more"
+            )
+        if self.only is not None and not isinstance(self.only, str):
+            object.__setattr__(self, "only", str(self.only))
+        if self.backend != "dask" and self.scheduler is not None:
+            raise ResweepError(
+                f"a scheduler address is for the dask backend, not {self.backend!r}; "
+                "add --backend dask (backend='dask')"
+            )
+        if self.backend == "dask":
+            import importlib.util
+
+            if importlib.util.find_spec("distributed") is None:
+                raise ResweepError(
+                    "the dask backend needs Dask, which is not installed: "
+                    "pip install 'resweep[dask]'"
+                )
+
+    @property
+    def in_process(self) -> bool:
+        """Configs run inside the coordinator (threads, or one after another)."""
+        return self.backend in ("threading", "sequential")

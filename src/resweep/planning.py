@@ -1,0 +1,181 @@
+"""What a run would do: new configs merged into the state, and which configs it takes."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from resweep import identity
+from resweep.encoding import encode_flow
+from resweep.errors import ConfigError
+from resweep.state import State
+
+
+def merge(
+    state: State,
+    named: dict[str, tuple[Any, dict[str, Any]]],
+    *,
+    name: str | None,
+    description: str | None,
+) -> bool:
+    """Add configs that are new as todo; an existing name must not change its params.
+
+    Returns whether the state changed.
+    """
+    changed_state = False
+    for key, value in (("name", name), ("description", description)):
+        if value is not None and getattr(state, key) != value:
+            setattr(state, key, value)
+            changed_state = True
+    for config, (_, params) in named.items():
+        record = state.configs.get(config)
+        if record is None:
+            state.configs[config] = {
+                "params": params,
+                "status": "todo",
+                "attempts": 0,
+                "start_time": None,
+                "end_time": None,
+            }
+            changed_state = True
+            continue
+        stored = record["params"]
+        if stored == params:
+            continue
+        # Fields added (with a default) or removed since keep the identity; a changed value does not.
+        changed = _changed_params(stored, params)
+        if changed:
+            key, old, new = changed[0]
+            raise ConfigError(
+                f"config name {config!r} is stored with {key}={old!r}, but now has {key}={new!r}; "
+                "config_naming must give different configs different names"
+            )
+        if json.dumps(record["params"], sort_keys=True) != json.dumps(params, sort_keys=True):
+            record["params"] = params
+            changed_state = True
+    return changed_state
+
+
+def _changed_params(
+    stored: dict[str, Any], params: dict[str, Any], prefix: str = ""
+) -> list[tuple[str, Any, Any]]:
+    """The (dotted) keys both sides have with different values; nested dicts may grow fields."""
+    changed = []
+    for key in stored.keys() & params.keys():
+        old, new = stored[key], params[key]
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _changed_params(old, new, f"{prefix}{key}.")
+        elif not _same_param(old, new):
+            changed.append((f"{prefix}{key}", old, new))
+    return changed
+
+
+def _same_param(old: Any, new: Any) -> bool:
+    """Python's equality, except that NaN equals NaN: a NaN param is still the same config."""
+    if isinstance(old, float) and isinstance(new, float) and old != old and new != new:
+        return True
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(map(_same_param, old, new))
+    if isinstance(old, dict) and isinstance(new, dict):
+        return old.keys() == new.keys() and all(_same_param(old[k], new[k]) for k in old)
+    return bool(old == new)
+
+
+@dataclass
+class Plan:
+    """What a run would do: the configs it would run, by why, and those it would leave."""
+
+    new: list[str]
+    todo: list[str]
+    failed: list[str]
+    changed: list[str]
+    done: int
+    skipped_failed: int
+    running: list[str]
+
+    @property
+    def to_run(self) -> list[str]:
+        return [*self.new, *self.todo, *self.failed, *self.changed]
+
+    def describe(self, *, names: bool = True) -> str:
+        lines = [
+            f"would run {len(self.to_run)} configs: {len(self.new)} new, {len(self.todo)} todo, "
+            f"{len(self.failed)} failed, {len(self.changed)} done but changed; "
+            f"would leave {self.done} done"
+            + (
+                f" and {self.skipped_failed} failed (add --retry-failed)"
+                if self.skipped_failed
+                else ""
+            )
+        ]
+        if self.running:
+            lines.append(f"{len(self.running)} are marked running by another or a stopped run")
+        if names:
+            for label, group in (("new", self.new), ("todo", self.todo), ("failed", self.failed)):
+                lines += [f"  {label:7} {n}" for n in group]
+            lines += [f"  changed {n}" for n in self.changed]
+        return "\n".join(lines)
+
+
+def plan(
+    state: State,
+    named: dict[str, tuple[Any, dict[str, Any]]],
+    *,
+    retry_failed: bool,
+    only: str | None,
+    rerun_changed: bool,
+    fingerprint: str | None,
+) -> Plan:
+    """Decide which configs a run takes; reads the state, changes nothing."""
+    result = Plan([], [], [], [], 0, 0, [])
+    for name in select(list(named), only):
+        record = state.configs.get(name)
+        status = record["status"] if record is not None else None
+        if record is None:
+            result.new.append(name)
+        elif status in ("todo", "running"):
+            # A config left running by a dead run is todo again (or done, once settled).
+            result.todo.append(name)
+            if status == "running":
+                result.running.append(name)
+        elif status == "failed":
+            if retry_failed:
+                result.failed.append(name)
+            else:
+                result.skipped_failed += 1
+        elif rerun_changed and record.get("fingerprint") not in (None, fingerprint):
+            result.changed.append(name)
+        else:
+            result.done += 1
+    return result
+
+
+def finished_key(
+    configs: Sequence[Any] | None,
+    config_naming: Any,
+    name: str | None,
+    description: str | None,
+) -> str | None:
+    """What a finished sweep's marker must match: its configs, default names, name, description.
+
+    None when the configs come from the state file or from config_naming, which no digest
+    of the configs can vouch for.
+    """
+    if not isinstance(configs, Sequence) or config_naming is not None:
+        return None
+    digest = identity.configs_digest(configs)
+    if digest is None:
+        return None
+    about = encode_flow([name, description])
+    return f"{digest}.{hashlib.sha256(about.encode()).hexdigest()[:16]}"
+
+
+def select(names: Sequence[str], only: str | None) -> list[str]:
+    """The names matching the glob only (all of them when only is None)."""
+    if only is None:
+        return list(names)
+    return [n for n in names if fnmatch.fnmatchcase(n, only)]

@@ -1,0 +1,1 @@
+"""Pools run batches of configs: one interface (base), one implementation per backend."""

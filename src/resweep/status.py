@@ -1,0 +1,119 @@
+"""What a sweep is doing now, and everything known of one config: what status and show print."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+from resweep import provenance
+from resweep.files import WORKERS_DIR, read_markers
+from resweep.lock import RunInfo
+from resweep.recovery import read_one_settled, read_settled
+from resweep.state import State
+from resweep.store import Store
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """The experiment's state as `status` shows it; a notebook gets the same from the API."""
+
+    name: str | None
+    # Counts by status: todo, running, done, failed.
+    counts: dict[str, int]
+    total: int
+    # Configs running now, by name: when they really started (ISO time), if known.
+    running: dict[str, str | None]
+    # Handed to a busy worker process, not started yet.
+    queued: list[str]
+    # The run holding the experiment, or None.
+    active_run: RunInfo | None
+    # Configs a run that is gone left running, by name: the status they settle to.
+    left_running: dict[str, str]
+    # Failed configs by name: their error.
+    failures: dict[str, str | None]
+    cache_hits: int
+    cache_misses: int
+    # Done configs produced by code that differs from the current code, by name: what changed.
+    changed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def changed_warning(self) -> str | None:
+        """The line about done configs that older code produced, or None."""
+        changed = self.changed
+        if not changed:
+            return None
+        function = sum(why == provenance.FUNCTION_CHANGED for why in changed.values())
+        parts = [f"{function} by a different function"] if function else []
+        if len(changed) > function:
+            parts.append(f"{len(changed) - function} by other changes to its module")
+        return (
+            f"warning: {len(changed)} done configs were produced by code that differs from the "
+            f"current code ({', '.join(parts)}); `run --rerun-changed` re-runs them, "
+            "`run --dry-run --rerun-changed` lists them"
+        )
+
+    def as_json(self, *, failed: bool = False) -> dict[str, Any]:
+        """The report as plain data: what `status --json` prints."""
+        warning = self.changed_warning
+        payload: dict[str, Any] = {
+            "name": self.name,
+            "counts": self.counts,
+            "total": self.total,
+            "running": self.running,
+            "queued": self.queued,
+            "active_run": self.active_run.__dict__ if self.active_run else None,
+            "left_running": self.left_running,
+            "cache": {"hits": self.cache_hits, "misses": self.cache_misses},
+            "changed": len(self.changed),
+            "warnings": [warning] if warning else [],
+        }
+        if failed:
+            payload["failed"] = self.failures
+        return payload
+
+
+def status_report(store: Store, fingerprint: str | None) -> StatusReport:
+    """Read the experiment once and say what it is doing; fingerprint: the current code's."""
+    state, left = read_settled(store)
+    running: dict[str, str | None] = {
+        n: r.get("start_time") for n, r in state.configs.items() if r["status"] == "running"
+    }
+    active = store.active_run()
+    # With worker processes, a config handed to a busy worker is queued, not running yet.
+    queued: list[str] = []
+    markers = store.root / WORKERS_DIR
+    if running and active is not None and markers.is_dir():
+        executing = read_markers(markers)
+        queued = sorted(n for n in running if n not in executing)
+        for name in queued:
+            del running[name]
+        for name in running:
+            started = datetime.datetime.fromtimestamp(executing[name][1]).astimezone()
+            running[name] = started.isoformat()
+    records = state.configs.values()
+    return StatusReport(
+        name=state.name,
+        counts=state.counts(),
+        total=len(state.configs),
+        running=running,
+        queued=queued,
+        active_run=active,
+        left_running={n: state.configs[n]["status"] for n in left},
+        failures={n: r.get("error") for n, r in state.configs.items() if r["status"] == "failed"},
+        cache_hits=sum(r.get("cache_hits") or 0 for r in records),
+        cache_misses=sum(r.get("cache_misses") or 0 for r in records),
+        changed=provenance.changed_configs(state.configs, fingerprint) if fingerprint else {},
+    )
+
+
+def config_report(store: Store, name: str, fingerprint: str | None) -> dict[str, Any]:
+    """Everything recorded about one config, with its run's provenance: what `show` prints."""
+    state: State = read_one_settled(store, name)
+    record = state.lookup(name)
+    shown: dict[str, Any] = {"name": name, **record}
+    shown["provenance"] = provenance.describe_session(record.get("session"), state.sessions)
+    if record.get("fingerprint") is not None and fingerprint is not None:
+        why = provenance.compare(record["fingerprint"], fingerprint)
+        shown["code"] = "matches the current code" if why is None else f"differs, {why}"
+    return shown

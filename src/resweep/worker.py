@@ -1,0 +1,435 @@
+"""What a worker does: the Context a config sees, what travels to a worker, one config's run."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import errno
+import inspect
+import io
+import logging
+import operator
+import os
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from resweep import cache
+from resweep.clock import now_iso
+from resweep.errors import ResultError, StorageError
+from resweep.files import (
+    LOG_FILE,
+    LazyLog,
+    StoredResult,
+    config_path,
+    prepare_config_dir,
+    write_failure,
+    write_result,
+)
+
+T = TypeVar("T")
+ERROR_LINE_CHARS = 500
+# Errors that mean the disk, not the code, failed: the run stops cleanly, exit status 2.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT, errno.EROFS})
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+@dataclass
+class Job:
+    """Everything a worker needs for every config of one run; shipped once per batch."""
+
+    function: Callable[..., Any]
+    takes_ctx: bool
+    output_dir: str
+    shared: Any
+    setup_value: Any
+    per_worker: Callable[[Any], Any] | None
+    cache: bool
+    coordinator_pid: int
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Process backends only: the directory of per-worker marker files.
+    markers_dir: str | None = None
+    # Recorded with every done config: which run session and which code produced it.
+    session: str | None = None
+    fingerprint: str | None = None
+
+
+@dataclass(slots=True)
+class Task:
+    name: str
+    config: Any
+    attempt: int = 0
+    # Failed attempts within this run, for Experiment.retries.
+    failures: int = 0
+
+    def __reduce__(self) -> tuple[type[Task], tuple[Any, ...]]:
+        # Tasks and outcomes cross to and from the workers by the thousand; the __getstate__
+        # that dataclass gives a slots class runs in Python, about 2 us more per object each way.
+        return (Task, _task_values(self))
+
+
+@dataclass(slots=True)
+class Outcome:
+    name: str
+    ok: bool
+    result: Any
+    error: str | None
+    start_time: str
+    end_time: str
+    duration_s: float
+    attempt: int
+    cache_hits: int = 0
+    cache_misses: int = 0
+    # Set when resweep could not store this outcome (a full disk): the config stays todo.
+    fault: str | None = None
+
+    def __reduce__(self) -> tuple[type[Outcome], tuple[Any, ...]]:
+        return (Outcome, _outcome_values(self))
+
+    def fields(self) -> dict[str, Any]:
+        """What the state records about this outcome."""
+        return {
+            "status": "done" if self.ok else "failed",
+            "end_time": self.end_time,
+            "duration_s": round(self.duration_s, 6),
+            "error": self.error,
+            "result": self.result,
+            "cache_hits": self.cache_hits,
+            "cache_misses": self.cache_misses,
+        }
+
+
+# Every field, in order, as __init__ takes them: a field added later is pickled too.
+_task_values = operator.attrgetter(*(f.name for f in dataclasses.fields(Task)))
+_outcome_values = operator.attrgetter(*(f.name for f in dataclasses.fields(Outcome)))
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """Expensive set-up done once per run (common) and once per worker process (per_worker)."""
+
+    # Runs once in the main process when a run starts; returns a picklable value.
+    common: Callable[[], Any] | None = None
+    # Runs once in every process that runs configs, with common's value, before its first config.
+    per_worker: Callable[[Any], Any] | None = None
+
+
+class Context:
+    """What one run of one config sees: its name, directory, shared context and logger."""
+
+    __slots__ = ("_dir", "_log", "_log_stream", "attempt", "config", "name", "shared")
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        config: Any,
+        dir: str | os.PathLike[str],
+        shared: Any,
+        attempt: int,
+        log_stream: Any,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self._dir = dir
+        self.shared = shared
+        self.attempt = attempt
+        self._log_stream = log_stream
+        self._log: logging.Logger | None = None
+
+    @property
+    def dir(self) -> Path:
+        """The config's own directory, for its artifacts (made a Path when first asked for)."""
+        if not isinstance(self._dir, Path):
+            self._dir = Path(self._dir)
+        return self._dir
+
+    @property
+    def log(self) -> logging.Logger:
+        """A logger whose records land in this config's log.txt."""
+        if self._log is None:
+            # Not from getLogger: a registered logger per config would live forever.
+            logger = logging.Logger(f"resweep.{self.name}", logging.DEBUG)
+            handler = logging.StreamHandler(self._log_stream)
+            handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+            logger.addHandler(handler)
+            self._log = logger
+        return self._log
+
+    def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Call fn through this config's request cache, like a @cached function."""
+        # No name here: cache.py names fn (a repr would hold a memory address).
+        result: T = cache.call_cached(None, fn, args, kwargs)
+        return result
+
+    def __repr__(self) -> str:
+        return f"Context(name={self.name!r}, attempt={self.attempt}, dir={str(self.dir)!r})"
+
+
+def takes_context(function: Callable[..., Any]) -> bool:
+    """Whether function wants ctx: it accepts a second positional argument."""
+    try:
+        params = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [
+        p
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in positional)
+
+
+_current_log: contextvars.ContextVar[io.TextIOBase | None] = contextvars.ContextVar(
+    "resweep_log", default=None
+)
+
+
+class Router(io.TextIOBase):
+    """Sends print() output to the running config's log, and elsewhere to the real stream."""
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+
+    def write(self, text: str) -> int:
+        log = _current_log.get()
+        if log is not None:
+            return log.write(text)
+        written: int = self.original.write(text)
+        return written
+
+    def flush(self) -> None:
+        log = _current_log.get()
+        (log if log is not None else self.original).flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return _current_log.get() is None and bool(self.original.isatty())
+
+    def fileno(self) -> int:
+        fileno: int = self.original.fileno()
+        return fileno
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return str(getattr(self.original, "encoding", "utf-8"))
+
+
+@contextlib.contextmanager
+def routed_output() -> Iterator[None]:
+    """Route sys.stdout and sys.stderr through the per-config log while inside."""
+    saved = sys.stdout, sys.stderr
+    if not isinstance(sys.stdout, Router):
+        sys.stdout = Router(sys.stdout)
+    if not isinstance(sys.stderr, Router):
+        sys.stderr = Router(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+def error_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return line[:ERROR_LINE_CHARS]
+
+
+def call_config(
+    job: Job,
+    task: Task,
+    config_dir: str | os.PathLike[str],
+    log: io.TextIOBase,
+    cache_dir: str | os.PathLike[str],
+    stats: cache.CallStats,
+    setup_error: str | None,
+) -> tuple[bool, Any, str | None, str | None] | OSError:
+    """Call the user's function on one config: (ok, result, error line, traceback).
+
+    A full disk or an I/O error is returned instead: the disk failed, not the config.
+    """
+    ok, result, error, trace = False, None, setup_error, None
+    token = _current_log.set(log)
+    try:
+        if setup_error is None:
+            ctx = Context(
+                name=task.name,
+                config=task.config,
+                dir=config_dir,
+                shared=job.shared,
+                attempt=task.attempt,
+                log_stream=log,
+            )
+            with cache.scope(cache_dir if job.cache else None, task.name, "record", stats):
+                raw = job.function(task.config, ctx) if job.takes_ctx else job.function(task.config)
+            result = to_plain_result(raw)
+            ok = True
+    except KeyboardInterrupt:
+        raise
+    except OSError as exc:
+        if exc.errno in STORAGE_ERRNOS:
+            return exc
+        error = error_line(exc)
+        trace = "".join(traceback.format_exception(exc))
+    except BaseException as exc:  # SystemExit too: one config's exit must not end the run
+        error = error_line(exc)
+        trace = "".join(traceback.format_exception(exc))
+    finally:
+        _current_log.reset(token)
+    return ok, result, error, trace
+
+
+class Marks(Protocol):
+    """Where a worker process says which config it runs now (see files.Marker)."""
+
+    def mark(self, name: str) -> None: ...
+
+
+def execute(
+    job: Job, task: Task, setup_error: str | None = None, marker: Marks | None = None
+) -> Outcome:
+    """Run one config: its result file is written before the coordinator hears of it."""
+    start_time = now_iso()
+    started = time.perf_counter()
+    # A string, not a Path: ctx.dir becomes one only if the function asks for it.
+    config_dir = config_path(job.output_dir, task.name)
+    try:
+        prepare_config_dir(config_dir)
+    except OSError as exc:
+        return faulted(task, start_time, exc)
+    log = LazyLog(os.path.join(config_dir, LOG_FILE), task.attempt)
+    stats = cache.CallStats()
+    if marker is not None:
+        marker.mark(task.name)
+    try:
+        try:
+            call = call_config(job, task, config_dir, log, job.output_dir, stats, setup_error)
+        finally:
+            with contextlib.suppress(OSError):
+                log.close()
+        if isinstance(call, OSError):
+            return faulted(task, start_time, call)
+        ok, result, error, trace = call
+        outcome = Outcome(
+            task.name, ok, result, error, start_time, now_iso(), time.perf_counter() - started,
+            task.attempt, stats.hits, stats.misses,
+        )  # fmt: skip
+        try:
+            if ok:
+                write_result(config_dir, stored_result(job, outcome))
+            elif trace is not None:
+                write_failure(config_dir, task.attempt, now_iso(), trace)
+        except OSError as exc:
+            if exc.errno not in STORAGE_ERRNOS:
+                raise
+            return faulted(task, start_time, exc)
+        return outcome
+    finally:
+        # Idle only once the result is stored: a settled config is never half-done.
+        if marker is not None:
+            marker.mark("")
+
+
+def stored_result(job: Job, outcome: Outcome) -> StoredResult:
+    """What result.yaml keeps of a done outcome, for recovery: the one place that builds it."""
+    return StoredResult(
+        result=outcome.result,
+        attempt=outcome.attempt,
+        end_time=outcome.end_time,
+        duration_s=outcome.duration_s,
+        cache_hits=outcome.cache_hits,
+        cache_misses=outcome.cache_misses,
+        session=job.session,
+        fingerprint=job.fingerprint,
+    )
+
+
+def fault_text(error: OSError) -> str:
+    """What a storage fault says, for the line a stopped run prints."""
+    return f"{os.strerror(error.errno or 0)} while writing {error.filename or 'a file'}"
+
+
+def storage_error(fault: str) -> StorageError:
+    """The error a run stops with when the disk failed: nothing finished is lost."""
+    return StorageError(
+        f"stopped: {fault}; free space or fix the disk, then run again (every finished config is "
+        "saved)"
+    )
+
+
+def setup_worker(job: Job) -> str | None:
+    """Run per_worker once in a process that runs configs, the same way under every backend.
+
+    Returns the error every config of this process then fails with, or None.
+    """
+    if job.per_worker is None:
+        return None
+    try:
+        job.per_worker(job.setup_value)
+    except Exception as exc:
+        return f"setup.per_worker failed: {error_line(exc)}"
+    return None
+
+
+def install_router() -> None:
+    """Send this process's print() output to the running config's log from now on."""
+    if not isinstance(sys.stdout, Router):
+        sys.stdout = Router(sys.stdout)
+    if not isinstance(sys.stderr, Router):
+        sys.stderr = Router(sys.stderr)
+
+
+def faulted(task: Task, start_time: str, error: OSError) -> Outcome:
+    """An outcome that could not be stored: the coordinator stops the run, the config stays todo."""
+    return Outcome(
+        task.name, False, None, None, start_time, now_iso(), 0.0, task.attempt,
+        fault=fault_text(error),
+    )  # fmt: skip
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _plain(value: Any, where: str) -> Any:
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ResultError(f"result key {where}{k!r} is not a string")
+            out[k] = _plain(v, f"{where}{k}.")
+        return out
+    if isinstance(value, list | tuple):
+        return [_plain(v, f"{where.rstrip('.')}[{i}].") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain({f.name: getattr(value, f.name) for f in dataclasses.fields(value)}, where)
+    item = getattr(value, "item", None)
+    if type(value).__module__ == "numpy" and callable(item):
+        return _plain(item(), where)
+    key = where.rstrip(".") or "(the result)"
+    raise ResultError(
+        f"result key {key!r} is a {type(value).__name__}, which is not YAML-safe; return str, "
+        "int, float, bool, None, or lists and dicts of those"
+    )
+
+
+def to_plain_result(raw: Any) -> Any:
+    """The result as YAML-safe data, or a ResultError naming the offending key."""
+    if raw is None:
+        return None
+    if not (
+        isinstance(raw, Mapping) or (dataclasses.is_dataclass(raw) and not isinstance(raw, type))
+    ):
+        raise ResultError(
+            f"the function returned a {type(raw).__name__}; return a dict, a dataclass or None"
+        )
+    return _plain(raw, "")
