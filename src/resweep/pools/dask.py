@@ -1,53 +1,41 @@
-"""The Dask pool: a cluster to run configs on, and what each remote config ships back."""
+"""The Dask pool: a cluster to run configs on, whose outcomes are landed here."""
 
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
 import logging
-import os
-import pickle
-import shutil
-import signal
 import sys
 import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import distributed
-from distributed.diagnostics.plugin import WorkerPlugin
 
 from resweep import cache
 from resweep.clock import now_iso
 from resweep.durable import write_atomic
 from resweep.errors import ResweepError
 from resweep.files import (
-    CONFIGS_DIR,
     WORKERS_DIR,
     append_log,
     config_path,
-    log_header,
     prepare_config_dir,
     write_failure,
     write_result,
 )
 from resweep.pools.base import Returned, batch_size, timeout_reason
+from resweep.pools.dask_remote import SCRATCH_PREFIX, JobPlugin, Shipment, run_remote, topic
 from resweep.worker import (
     STORAGE_ERRNOS,
     Job,
     Outcome,
     Task,
-    call_config,
     error_line,
     fault_text,
-    faulted,
-    install_router,
-    setup_worker,
     stored_result,
 )
 
@@ -58,213 +46,14 @@ DASK_QUEUED_PER_THREAD = 8
 # outside its function: scratch directory, scratch cache, shipping back, landing.
 DASK_BATCH_BELOW_S = 0.02
 DASK_CONFIG_OVERHEAD_S = 0.001
+# distributed's API is only partly annotated; resweep calls the unannotated part through Any.
+_distributed: Any = distributed
 # How long connecting to a scheduler may take before the run gives up.
 CONNECT_TIMEOUT_S = 20.0
 # How often the coordinator asks the scheduler how many threads the cluster has now.
 CLUSTER_SIZE_EVERY_S = 2.0
 # How long closing the client and a local cluster may take at the end of a run.
 CLOSE_TIMEOUT_S = 10.0
-# A config that prints more than this keeps the head of its log; the rest is counted, not sent.
-LOG_LIMIT_CHARS = 8_000_000
-SCRATCH_PREFIX = "resweep-"
-# distributed's API is only partly annotated; resweep calls the unannotated part through Any.
-_distributed: Any = distributed
-
-
-@dataclass(slots=True)
-class Shipment:
-    """What a config run on a Dask worker sends back for the coordinator to write."""
-
-    # This attempt's part of log.txt; empty when the config printed and logged nothing.
-    log: str
-    # The traceback for exception.txt, when the config raised.
-    trace: str | None
-    # Calls this attempt recorded that the coordinator's cache does not hold yet: (key, answer).
-    entries: list[tuple[str, bytes]]
-
-
-# -- worker side ---------------------------------------------------------------------------
-
-
-@dataclass
-class _Remote:
-    """One run as a worker process holds it: the Job, unpickled and set up once."""
-
-    job: Job
-    setup_error: str | None
-    # This worker process's scratch directory for the run (local disk): cache and ctx.dir.
-    scratch: Path
-    # The worker sees the coordinator's output_dir (a shared filesystem): ctx.dir is the real one.
-    shared: bool
-    report_starts: bool
-
-
-# Filled by _JobPlugin on every worker, including those that join later (adaptive scaling).
-_payloads: dict[str, tuple[bytes, bool]] = {}
-_prepared: dict[str, _Remote] = {}
-_prepare_lock = threading.Lock()
-
-
-class _JobPlugin(WorkerPlugin):
-    """Hands a run's pickled Job to each worker once, instead of with every config."""
-
-    def __init__(self, token: str, blob: bytes, report_starts: bool, own_cluster: bool) -> None:
-        self.token = token
-        self.blob = blob
-        self.report_starts = report_starts
-        # Workers of the cluster a run started share its terminal: Ctrl-C is for the run alone.
-        self.own_cluster = own_cluster
-
-    def setup(self, worker: distributed.Worker) -> None:
-        _payloads[self.token] = (self.blob, self.report_starts)
-        if self.own_cluster:
-            with contextlib.suppress(ValueError):  # not the main thread: nothing to protect
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def teardown(self, worker: distributed.Worker) -> None:
-        _payloads.pop(self.token, None)
-        with _prepare_lock:
-            remote = _prepared.pop(self.token, None)
-        if remote is not None:
-            with contextlib.suppress(Exception):
-                cache.close_cache(remote.scratch)
-            shutil.rmtree(remote.scratch, ignore_errors=True)
-
-
-def _topic(token: str) -> str:
-    return f"{SCRATCH_PREFIX}{token}-started"
-
-
-def _sees_output_dir(job: Job) -> bool:
-    """Whether this worker sees the coordinator's output_dir itself and may write ctx.dir there."""
-    probe = Path(job.output_dir, WORKERS_DIR, f"probe-{job.token}")
-    try:
-        found = probe.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return False
-    return found == job.token and os.access(Path(job.output_dir, CONFIGS_DIR), os.W_OK | os.X_OK)
-
-
-def _prepare_remote(token: str) -> _Remote:
-    """This worker process's copy of the run, unpickled and set up on its first config."""
-    remote = _prepared.get(token)
-    if remote is not None:
-        return remote
-    with _prepare_lock:
-        remote = _prepared.get(token)
-        if remote is not None:
-            return remote
-        try:
-            blob, report_starts = _payloads[token]
-        except KeyError:
-            raise ResweepError(
-                "this Dask worker never received the experiment (its worker plugin is missing)"
-            ) from None
-        job = pickle.loads(blob)
-        assert isinstance(job, Job)
-        # print() inside a config goes to that config's log; elsewhere to the real stream.
-        install_router()
-        scratch = Path(distributed.get_worker().local_directory, f"{SCRATCH_PREFIX}{token}")
-        scratch.mkdir(parents=True, exist_ok=True)
-        setup_error = setup_worker(job)
-        remote = _Remote(job, setup_error, scratch, _sees_output_dir(job), report_starts)
-        _prepared[token] = remote
-        return remote
-
-
-class _TextLog(io.TextIOBase):
-    """A remote config's log.txt, kept in memory until it travels back with the outcome."""
-
-    def __init__(self, attempt: int) -> None:
-        self._attempt = attempt
-        self._parts: list[str] = []
-        self._size = 0
-        self._dropped = 0
-        self._lock = threading.Lock()
-
-    def write(self, text: str) -> int:
-        if not text:
-            return 0
-        with self._lock:
-            if not self._parts:
-                self._parts.append(log_header(self._attempt, remote=True))
-            if self._size + len(text) > LOG_LIMIT_CHARS:
-                self._dropped += len(text)
-            else:
-                self._parts.append(text)
-                self._size += len(text)
-        return len(text)
-
-    def writable(self) -> bool:
-        return True
-
-    def text(self) -> str:
-        with self._lock:
-            tail = f"\n[{self._dropped} more characters not kept]\n" if self._dropped else ""
-            return "".join(self._parts) + tail
-
-
-def run_remote(
-    token: str, tasks: list[Task], recorded: dict[str, list[tuple[str, bytes]]]
-) -> list[tuple[Outcome, Shipment]]:
-    """Run a batch of configs on a Dask worker; what they leave travels back with the outcomes."""
-    remote = _prepare_remote(token)
-    worker = distributed.get_worker() if remote.report_starts else None
-    key = worker.get_current_task() if worker is not None else None
-    shipped = []
-    for task in tasks:
-        if worker is not None:
-            # Per config, not per batch: timeout_s counts from this config's own start.
-            worker.log_event(_topic(token), [key, task.name, task.attempt, worker.address])
-        shipped.append(_execute_remote(remote, task, recorded.get(task.name, [])))
-    return shipped
-
-
-def _execute_remote(
-    remote: _Remote, task: Task, recorded: list[tuple[str, bytes]]
-) -> tuple[Outcome, Shipment]:
-    """Run one config in the worker's scratch; nothing under output_dir but ctx.dir when shared."""
-    job = remote.job
-    start_time = now_iso()
-    started = time.perf_counter()
-    if remote.shared:
-        config_dir = Path(job.output_dir, CONFIGS_DIR, task.name)
-    else:
-        config_dir = remote.scratch / CONFIGS_DIR / task.name
-        # A re-run after a lost worker, or a config's second attempt here, starts clean.
-        shutil.rmtree(config_dir, ignore_errors=True)
-    log = _TextLog(task.attempt)
-    stats = cache.CallStats()
-    handle = None
-    entries: list[tuple[str, bytes]] = []
-    setup_error = remote.setup_error
-    try:
-        config_dir.mkdir(parents=True, exist_ok=True)
-        if job.cache:
-            # The scratch cache holds this config's calls so far: a retry pays only for new ones.
-            handle = cache.open_cache(remote.scratch)
-            handle.evict(task.name, retry=True)
-            cache.add_calls(handle, task.name, recorded)
-    except OSError as exc:
-        if exc.errno in STORAGE_ERRNOS:  # the worker's disk failed, not the config
-            return faulted(task, start_time, exc), Shipment("", None, [])
-        setup_error = f"cannot prepare the config on this worker: {error_line(exc)}"
-    call = call_config(job, task, config_dir, log, remote.scratch, stats, setup_error)
-    if isinstance(call, OSError):
-        return faulted(task, start_time, call), Shipment("", None, [])
-    ok, result, error, trace = call
-    duration_s = time.perf_counter() - started
-    if handle is not None:
-        seeded = {key for key, _ in recorded}
-        entries = [e for e in cache.calls_of(handle, task.name) if e[0] not in seeded]
-        handle.evict(task.name, retry=True)
-    if not remote.shared:
-        shutil.rmtree(config_dir, ignore_errors=True)
-    outcome = Outcome(
-        task.name, ok, result, error, start_time, now_iso(), duration_s, task.attempt,
-        stats.hits, stats.misses,
-    )  # fmt: skip
-    return outcome, Shipment(log.text(), trace, entries)
 
 
 # -- coordinator side ----------------------------------------------------------------------
@@ -360,9 +149,9 @@ class DaskPool:
         write_atomic(probe, job.token, durable=False)
         self._probe = probe
         if report_starts:
-            self.client.subscribe_topic(_topic(job.token), self._heard_start)
+            self.client.subscribe_topic(topic(job.token), self._heard_start)
         self._plugin = f"{SCRATCH_PREFIX}{job.token}"
-        plugin = _JobPlugin(job.token, blob, report_starts, own_cluster=self.cluster is not None)
+        plugin = JobPlugin(job.token, blob, report_starts, own_cluster=self.cluster is not None)
         self.client.register_plugin(plugin, name=self._plugin)
 
     def _heard_start(self, event: tuple[float, Any]) -> None:
@@ -532,23 +321,8 @@ class DaskPool:
     def land(self, outcome: Outcome, shipment: Shipment) -> None:
         """Write a remote config's calls, log and result file, before its outcome is journaled."""
         assert self.job is not None
-        if outcome.fault is not None:
-            return
-        config_dir = config_path(self.job.output_dir, outcome.name)
-        try:
-            if shipment.entries and self.cache is not None:
-                cache.add_calls(self.cache, outcome.name, shipment.entries)
-                self.recorded.add(outcome.name)
-            prepare_config_dir(config_dir)
-            append_log(config_dir, shipment.log)
-            if outcome.ok:
-                write_result(config_dir, stored_result(self.job, outcome))
-            elif shipment.trace is not None:
-                write_failure(config_dir, outcome.attempt, outcome.end_time, shipment.trace)
-        except OSError as exc:
-            if exc.errno not in STORAGE_ERRNOS:
-                raise
-            outcome.fault = fault_text(exc)
+        if land(self.job, self.cache, outcome, shipment):
+            self.recorded.add(outcome.name)
 
     def unstarted(self, futures: Iterable[Future[Any]]) -> list[Future[Any]]:
         """The futures whose config no worker has taken yet (a graceful stop drops them)."""
@@ -651,3 +425,29 @@ class DaskPool:
 def _not_started(task: Task) -> dict[str, Any]:
     """The record of a config whose attempt is to run again as if it had not started."""
     return {"status": "todo", "attempts": task.attempt - 1}
+
+
+def land(job: Job, calls: Any, outcome: Outcome, shipment: Shipment) -> bool:
+    """Write what a remote config shipped under output_dir; whether it recorded calls.
+
+    A storage fault is set on the outcome: the config stays todo and the run stops.
+    """
+    if outcome.fault is not None:
+        return False
+    config_dir = config_path(job.output_dir, outcome.name)
+    try:
+        recorded = bool(shipment.entries and calls is not None)
+        if recorded:
+            cache.add_calls(calls, outcome.name, shipment.entries)
+        prepare_config_dir(config_dir)
+        append_log(config_dir, shipment.log)
+        if outcome.ok:
+            write_result(config_dir, stored_result(job, outcome))
+        elif shipment.trace is not None:
+            write_failure(config_dir, outcome.attempt, outcome.end_time, shipment.trace)
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        outcome.fault = fault_text(exc)
+        return False
+    return recorded
