@@ -227,10 +227,13 @@ class CLI:
         shown = {"name": str(name), **record}
         shown["provenance"] = provenance.describe_session(record.get("session"), state.sessions)
         if record.get("fingerprint") is not None:
-            why = provenance.compare(
-                record["fingerprint"], provenance.fingerprint(self._experiment.function)
-            )
-            shown["code"] = "matches the current code" if why is None else f"differs, {why}"
+            if not provenance.comparable(record["fingerprint"]):
+                shown["code"] = "cannot tell, its fingerprint is in an older or unknown format"
+            else:
+                why = provenance.compare(
+                    record["fingerprint"], provenance.fingerprint(self._experiment.function)
+                )
+                shown["code"] = "matches the current code" if why is None else f"differs, {why}"
         import yaml
 
         print(yaml.safe_dump(shown, sort_keys=False, allow_unicode=True, width=100).rstrip())

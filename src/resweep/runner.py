@@ -1170,6 +1170,8 @@ def plan(
     fingerprint: str | None,
 ) -> Plan:
     """Decide which configs a run takes; reads the state, changes nothing."""
+    from resweep import provenance
+
     result = Plan([], [], [], [], 0, 0, [])
     for name in select(list(named), only):
         record = state.configs.get(name)
@@ -1186,7 +1188,12 @@ def plan(
                 result.failed.append(name)
             else:
                 result.skipped_failed += 1
-        elif rerun_changed and record.get("fingerprint") not in (None, fingerprint):
+        elif (
+            rerun_changed
+            and fingerprint is not None
+            and provenance.compare(record.get("fingerprint"), fingerprint) is not None
+        ):
+            # A fingerprint that cannot be compared (an unknown format) is not a change.
             result.changed.append(name)
         else:
             result.done += 1
