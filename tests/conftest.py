@@ -14,6 +14,14 @@ import pytest
 
 from resweep import cache
 
+# Scripts that the tests run as processes must import the resweep under test. A relative
+# PYTHONPATH (PYTHONPATH=src) would resolve against their own working directory, a tmp_path,
+# and let them import whatever resweep is installed instead: make its entries absolute.
+if os.environ.get("PYTHONPATH"):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        os.path.abspath(entry) for entry in os.environ["PYTHONPATH"].split(os.pathsep) if entry
+    )
+
 # Names a user's config_naming might return that must never touch anything outside ctx.dir.
 UNSAFE_NAMES = [
     "../x",

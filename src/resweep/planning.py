@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from resweep import identity
+from resweep import identity, provenance
 from resweep.encoding import encode_flow
 from resweep.errors import ConfigError
 from resweep.state import State
@@ -147,7 +147,12 @@ def plan(
                 result.failed.append(name)
             else:
                 result.skipped_failed += 1
-        elif rerun_changed and record.get("fingerprint") not in (None, fingerprint):
+        elif (
+            rerun_changed
+            and fingerprint is not None
+            and provenance.compare(record.get("fingerprint"), fingerprint) is not None
+        ):
+            # A fingerprint that cannot be compared (an unknown format) is not a change.
             result.changed.append(name)
         else:
             result.done += 1

@@ -29,8 +29,18 @@ TRACKED_DISTRIBUTIONS = (
 GIT_TIMEOUT_S = 5.0
 # Hex digits kept of each of the fingerprint's two digests.
 DIGEST_HEX_DIGITS = 12
-# A fingerprint is "<function digest>.<module digest>"; compare() tells which part changed.
+# A fingerprint is "v2:<function digest>.<module digest>"; compare() tells which part changed.
+# Bump FINGERPRINT_VERSION whenever what the digests cover or how they are made changes, and
+# drop from COMPARABLE_VERSIONS the versions whose digests then mean something else: their
+# fingerprints read as "cannot tell", never as "the code changed".
+FINGERPRINT_VERSION = 2
+# Version 1 is the same two digests written without a version ("<function>.<module>"), as
+# resweep did before fingerprints had one: they still compare with version 2.
+COMPARABLE_VERSIONS = frozenset({1, 2})
 _SEPARATOR = "."
+_FINGERPRINT = re.compile(
+    rf"(?:v([0-9]+):)?([0-9a-f]{{{DIGEST_HEX_DIGITS}}})\.([0-9a-f]{{{DIGEST_HEX_DIGITS}}})"
+)
 FUNCTION_CHANGED = "the function's source changed"
 MODULE_CHANGED = "code elsewhere in the function's module changed"
 
@@ -188,6 +198,8 @@ def _digest(text: str) -> str:
 def fingerprint(function: Callable[..., Any]) -> str:
     """A digest of the experiment function's source, then one of its whole module's source.
 
+    Written "v2:<function digest>.<module digest>", 12 hex digits each.
+
     What it cannot see: code in other modules or packages, data files, environment variables
     and library versions (the session record keeps the versions and the git commit).
     """
@@ -203,30 +215,63 @@ def fingerprint(function: Callable[..., Any]) -> str:
         if file:
             linecache.checkcache(file)
             whole = "".join(linecache.getlines(file))
-    return f"{_digest(own)}{_SEPARATOR}{_digest(whole)}"
+    return f"v{FINGERPRINT_VERSION}:{_digest(own)}{_SEPARATOR}{_digest(whole)}"
+
+
+def _digests(fingerprint: Any) -> tuple[str, str] | None:
+    """The (function, module) digests of a fingerprint in a comparable format, else None."""
+    if not isinstance(fingerprint, str):
+        return None
+    match = _FINGERPRINT.fullmatch(fingerprint)
+    if match is None:
+        return None
+    version = int(match[1]) if match[1] is not None else 1
+    if version not in COMPARABLE_VERSIONS:
+        return None
+    return match[2], match[3]
+
+
+def comparable(recorded: Any) -> bool:
+    """Whether a recorded fingerprint is in a format this resweep can compare with its own.
+
+    False for no fingerprint, for one from an older resweep whose digests meant something
+    else, and for one from a newer resweep: compare() cannot tell whether such code changed.
+    """
+    return _digests(recorded) is not None
 
 
 def compare(recorded: Any, current: str) -> str | None:
-    """None when recorded matches current, else what changed since; unknown counts as same."""
-    if recorded is None or recorded == current:
+    """What changed between the code that recorded a fingerprint and the current code.
+
+    FUNCTION_CHANGED or MODULE_CHANGED; None when the code is the same, or when there is no
+    telling: no fingerprint, or one in a format that comparable() refuses.
+    """
+    if recorded == current:
         return None
-    if not isinstance(recorded, str):
-        return "the code changed"
-    function, _, module = recorded.partition(_SEPARATOR)
-    if not module:
-        return "the code changed"
-    if function != current.partition(_SEPARATOR)[0]:
-        return FUNCTION_CHANGED
-    return MODULE_CHANGED
+    return _differs(_digests(recorded), _digests(current))
+
+
+def _differs(before: tuple[str, str] | None, now: tuple[str, str] | None) -> str | None:
+    """What changed between two fingerprints' digests; None when they agree or one is unknown."""
+    if before is None or now is None or before == now:
+        return None
+    return FUNCTION_CHANGED if before[0] != now[0] else MODULE_CHANGED
 
 
 def changed_configs(configs: Mapping[str, Mapping[str, Any]], current: str) -> dict[str, str]:
-    """The done configs whose recorded fingerprint differs from current, with what changed."""
-    changed = {}
+    """The done configs whose recorded fingerprint differs from current, with what changed.
+
+    A config whose fingerprint cannot be compared (none, or an unknown format) is not counted.
+    """
+    changed: dict[str, str] = {}
+    now = _digests(current)
+    if now is None:
+        return changed
     for name, record in configs.items():
         if record.get("status") != "done":
             continue
-        why = compare(record.get("fingerprint"), current)
+        recorded = record.get("fingerprint")
+        why = None if recorded == current else _differs(_digests(recorded), now)
         if why is not None:
             changed[name] = why
     return changed

@@ -114,6 +114,9 @@ def config_report(store: Store, name: str, fingerprint: str | None) -> dict[str,
     shown: dict[str, Any] = {"name": name, **record}
     shown["provenance"] = provenance.describe_session(record.get("session"), state.sessions)
     if record.get("fingerprint") is not None and fingerprint is not None:
-        why = provenance.compare(record["fingerprint"], fingerprint)
-        shown["code"] = "matches the current code" if why is None else f"differs, {why}"
+        if not provenance.comparable(record["fingerprint"]):
+            shown["code"] = "cannot tell, its fingerprint is in an older or unknown format"
+        else:
+            why = provenance.compare(record["fingerprint"], fingerprint)
+            shown["code"] = "matches the current code" if why is None else f"differs, {why}"
     return shown
