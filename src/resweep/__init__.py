@@ -15,8 +15,10 @@ from resweep.errors import (
     UnknownConfigError,
 )
 from resweep.experiment import Experiment
+from resweep.options import RunOptions
 from resweep.replay import Replay
 from resweep.runner import RunReport
+from resweep.status import StatusReport
 from resweep.summary import ExperimentView, load_summary
 from resweep.summary import open_experiment as open
 from resweep.sweeps import grid, load_configs
@@ -35,8 +37,10 @@ __all__ = [
     "Replay",
     "ResultError",
     "ResweepError",
+    "RunOptions",
     "RunReport",
     "StateError",
+    "StatusReport",
     "StorageError",
     "UnknownConfigError",
     "WorkerSetup",
