@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 
 from resweep import cache
 from resweep.clock import now_iso
-from resweep.errors import ResultError, StorageError
+from resweep.errors import ResultError, ResweepError, StorageError
 from resweep.files import (
     LOG_FILE,
     LazyLog,
@@ -363,6 +363,20 @@ def storage_error(fault: str) -> StorageError:
         f"stopped: {fault}; free space or fix the disk, then run again (every finished config is "
         "saved)"
     )
+
+
+def pickle_job(job: Job) -> bytes:
+    """The job as worker processes receive it: cloudpickle, so that a script's own functions travel."""
+    import cloudpickle
+
+    try:
+        blob: bytes = cloudpickle.dumps(job)
+    except Exception as error:
+        raise ResweepError(
+            f"the experiment cannot be sent to worker processes ({error_line(error)}); "
+            "make function, context and setup picklable, or use backend='threading'"
+        ) from None
+    return blob
 
 
 def setup_worker(job: Job) -> str | None:

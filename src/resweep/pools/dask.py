@@ -36,6 +36,7 @@ from resweep.worker import (
     Task,
     error_line,
     fault_text,
+    pickle_job,
     stored_result,
 )
 
@@ -128,15 +129,7 @@ class DaskPool:
 
     def start(self, job: Job, *, timeout_s: float | None) -> None:
         """Hand the run to every worker, and let them tell whether they see output_dir."""
-        import cloudpickle
-
-        try:
-            blob = cloudpickle.dumps(job)
-        except Exception as error:
-            raise ResweepError(
-                f"the experiment cannot be sent to worker processes ({error_line(error)}); "
-                "make function, context and setup picklable, or use backend='threading'"
-            ) from None
+        blob = pickle_job(job)
         self._connect()
         self.job = job
         self.timeout_s = timeout_s

@@ -24,9 +24,9 @@ from resweep.worker import (
     Job,
     Outcome,
     Task,
-    error_line,
     execute,
     install_router,
+    pickle_job,
     setup_worker,
 )
 
@@ -197,21 +197,11 @@ class LocalPool:
         self.job = job
         self.timeout_s = timeout_s
         if self.processes:
-            import cloudpickle
-
             # Each worker process says here which config it runs: for timeouts and forensics.
             self.markers_dir = Path(job.output_dir, WORKERS_DIR)
             self.markers_dir.mkdir(exist_ok=True)
             job.markers_dir = str(self.markers_dir)
-
-            try:
-                blob = cloudpickle.dumps(job)
-            except Exception as error:
-                raise ResweepError(
-                    f"the experiment cannot be sent to worker processes ({error_line(error)}); "
-                    "make function, context and setup picklable, or use backend='threading'"
-                ) from None
-            self.payload = (job.token, blob)
+            self.payload = (job.token, pickle_job(job))
         else:
             self.payload = (job.token, job)
         if self._executor is None:
