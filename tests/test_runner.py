@@ -557,3 +557,23 @@ def test_workers_stay_for_the_next_run_unless_the_process_ends_with_this_one(
     assert not any(map(_alive, _worker_pids(last)))  # gone, and reaped, when the block ends
     after.run(2, progress=False)
     assert not _worker_pids(last) & _worker_pids(after)  # the next run needed new workers
+
+
+@pytest.mark.parametrize("backend", ["loky", "dask"])
+def test_an_experiment_that_cannot_travel_to_workers_is_one_clear_error(
+    tmp_path: Path, backend: str
+) -> None:
+    """A context that cannot be pickled stops a process run before any config starts."""
+    import threading
+
+    experiment = resweep.Experiment(
+        function=lambda c: None,
+        configs=[{"i": 1}, {"i": 2}],
+        output_dir=tmp_path / "out",
+        context=threading.Lock(),
+    )
+    with pytest.raises(resweep.ResweepError, match="cannot be sent to worker processes"):
+        experiment.run(2, backend=backend, progress=False)
+    assert experiment.status() == {"todo": 2, "running": 0, "done": 0, "failed": 0}
+    # The threads backend shares this process: the same experiment runs there.
+    assert experiment.run(2, backend="threading", progress=False).done == 2
