@@ -67,7 +67,21 @@ def ask(x):
     return x * 10
 
 
+def probe(name):
+    # Held while this execution runs: a second execution that finds it held overlaps it.
+    import fcntl
+
+    os.makedirs(os.path.join(SIDE, "probes"), exist_ok=True)
+    fd = os.open(os.path.join(SIDE, "probes", name), os.O_WRONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        note("overlaps", name)
+    return fd
+
+
 def work(config, ctx):
+    held = probe(ctx.name)
     note("starts", ctx.name)
     note("tasks", f"{ctx.name}|{task_key()}")
     print("printed", config["i"])
@@ -81,6 +95,7 @@ def work(config, ctx):
         raise ValueError("boom")
     note("completions", ctx.name)
     note("dirs", str(ctx.dir))
+    os.close(held)
     return {"answer": answer}
 
 
@@ -494,3 +509,54 @@ def test_missing_dask_says_what_to_install(tmp_path: Path, monkeypatch: pytest.M
     )
     with pytest.raises(resweep.ResweepError, match=r"pip install 'resweep\[dask\]'"):
         experiment.run(backend="dask", progress=False)
+
+
+def test_a_run_right_after_a_sigkill_never_overlaps_a_config_still_on_the_cluster(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL the coordinator alone mid-config; start again at once: no execution overlaps."""
+    script = write_script(tmp_path)
+    args = ("run", "--backend", "dask", "--max-workers", "1")
+    for round_ in range(2):
+        before = len(lines(tmp_path, "starts"))
+        proc = start(script, *args, EXP_N="3", EXP_SLEEP="3")
+        wait_for(lambda n=before: len(lines(tmp_path, "starts")) > n, what="a config to start")
+        os.kill(proc.pid, signal.SIGKILL)  # the coordinator alone: its workers live on
+        proc.wait(timeout=30)
+        assert round_ < 2
+    again = run(script, *args, EXP_N="3", EXP_SLEEP="3", timeout=180)
+    assert again.returncode == 0, again.stderr
+    assert lines(tmp_path, "overlaps") == []
+    assert set(statuses(tmp_path / "out").values()) == {"done"}
+
+
+def test_configs_no_worker_started_use_no_attempt(tmp_path: Path, local_scheduler: str) -> None:
+    """On a cluster with no workers, handed-out configs that never started keep attempts 0."""
+    script = write_script(tmp_path)
+    proc = start(script, "run", "--backend", "dask", "--scheduler", local_scheduler, EXP_N="4")
+    try:
+        wait_for(
+            lambda: (
+                (tmp_path / "out" / "journal.jsonl").exists()
+                and "running" in (tmp_path / "out" / "journal.jsonl").read_text()
+            ),
+            what="configs handed to the cluster",
+        )
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    state = resweep.open(tmp_path / "out").state
+    assert {r["status"] for r in state.configs.values()} == {"todo"}
+    assert {r["attempts"] for r in state.configs.values()} == {0}
+
+
+def test_a_local_cluster_that_cannot_start_is_one_line(tmp_path: Path) -> None:
+    """Workers that die while the local cluster starts: one line, exit 2, nothing marked running."""
+    script = write_script(tmp_path)
+    proc = run(
+        script, "run", "--backend", "dask", "--max-workers", "1",
+        DASK_DISTRIBUTED__WORKER__PRELOAD="resweep_no_such_module_to_preload",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    one_line_error(proc, "could not start a local Dask cluster")
+    assert set(statuses(tmp_path / "out").values()) == {"todo"}

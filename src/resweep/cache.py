@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
 
-from resweep.errors import CacheKeyError, CacheMiss, ResweepError
+from resweep.errors import CacheKeyError, CacheMiss, ResweepError, StateError
 
 CacheMode = Literal["record", "replay"]
 CACHE_DIR = "cache"
@@ -136,6 +136,23 @@ def scope(
         _scope.reset(token)
     if stats.miss is not None:
         raise stats.miss  # even when the function swallowed it
+
+
+def check_cache(output_dir: str | os.PathLike[str]) -> None:
+    """A StateError, before anything runs, when cache/ exists but is not a readable cache."""
+    import sqlite3
+
+    if not Path(output_dir, CACHE_DIR).exists():
+        return
+    try:
+        open_cache(output_dir).get("\x1fresweep-check", default=None, retry=True)
+    except (sqlite3.DatabaseError, OSError) as error:
+        close_cache(output_dir)
+        where = Path(output_dir, CACHE_DIR).absolute()
+        raise StateError(
+            f"{where} is not a readable request cache ({error}); restore it, or move it away "
+            "to run without its recorded calls (every call is then made again)"
+        ) from None
 
 
 def drop(output_dir: str | os.PathLike[str], names: list[str]) -> None:

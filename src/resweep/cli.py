@@ -8,6 +8,7 @@ import inspect
 import json as jsonlib
 import os
 import sys
+import warnings
 from collections import Counter
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
@@ -129,6 +130,12 @@ class CLI:
         )
         if report.failed:
             print("failed configs: `status --failed` lists them; `run --retry-failed` retries them")
+        if report.absent:
+            shown = ", ".join(report.absent[:5]) + (", ..." if len(report.absent) > 5 else "")
+            print(
+                f"{len(report.absent)} configs in the state are no longer in the script and will "
+                f"never run: {shown}; `clean_index` drops them"
+            )
         _exit(report.exit_code)
 
     def status(self, failed: bool = False, json: bool = False) -> None:
@@ -218,11 +225,19 @@ def _check_options(args: list[str]) -> None:
         raise ResweepError(f"{args[0]} has no option --{key.replace('_', '-')}{hint}")
 
 
+def _one_line_warning(
+    message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any
+) -> str:
+    return f"warning: {message}\n"
+
+
 def main(experiment: Commands, argv: list[str] | None = None) -> None:
     """Run the CLI; ResweepError becomes one line on stderr and exit status 2."""
     import fire
 
     raw = sys.argv[1:] if argv is None else argv
+    # A warning is one line on a terminal, like an error: no source line, no module path.
+    warnings.formatwarning = _one_line_warning
     try:
         _check_options(raw)
         fire.Fire(CLI(experiment), command=_quote_names(raw), name=sys.argv[0].rsplit("/", 1)[-1])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
+from typing import TextIO
 
 # Test hook for the kill-point suite: with RESWEEP_CRASH_AFTER_STEP=N set, the coordinating
 # process dies (os._exit) right after its N-th persistence step (a write, fsync, rename, ...).
@@ -44,11 +46,63 @@ def fsync_dir(path: Path) -> None:
     persisted("fsync-dir")
 
 
+# Every file resweep writes is opened without following a symbolic link at its own name: a link
+# planted under output_dir must not send resweep's writes elsewhere (ELOOP instead).
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+# Errors that mean the disk, not the code, failed: the run stops cleanly, exit status 2.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT, errno.EROFS})
+# Writing resweep's own files, these too stop the run: output_dir made read-only, or a link.
+OWN_WRITE_ERRNOS = DISK_ERRNOS | {errno.EACCES, errno.EPERM, errno.ELOOP}
+
+
+class WriteFault(OSError):
+    """resweep could not write a file of its own: the run stops, and no config is to blame."""
+
+
+def is_write_fault(error: OSError) -> bool:
+    """Whether an error while resweep wrote its own files stops the run (else: the config's)."""
+    return isinstance(error, WriteFault) or error.errno in OWN_WRITE_ERRNOS
+
+
+def open_fd(path: str | os.PathLike[str], *, append: bool = False) -> int:
+    """A file descriptor of resweep's own file for writing bytes, never through a link."""
+    flags = os.O_WRONLY | os.O_CREAT | _NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC)
+    try:
+        return os.open(path, flags, 0o644)
+    except OSError as error:
+        if error.errno in OWN_WRITE_ERRNOS:
+            raise WriteFault(error.errno, error.strerror, error.filename) from None
+        raise
+
+
+def open_text(path: str | os.PathLike[str], *, append: bool = False) -> TextIO:
+    """Open a file of resweep's own for writing text, never through a symbolic link."""
+    fd = open_fd(path, append=append)
+    return os.fdopen(fd, "a" if append else "w", encoding="utf-8", errors="replace")
+
+
+def fault_text(error: OSError) -> str:
+    """What a run stopped by a write fault says: what failed, where, and what to do."""
+    where = error.filename or "a file"
+    if error.errno == errno.ELOOP:
+        return (
+            f"{where} is a symbolic link, which resweep does not write through; replace it with "
+            "a real file or directory"
+        )
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"{os.strerror(error.errno)} while writing {where}; fix its permissions"
+    if error.errno in DISK_ERRNOS:
+        return f"{os.strerror(error.errno)} while writing {where}; free space or fix the disk"
+    return f"{error.strerror or os.strerror(error.errno or 0)} while writing {where}"
+
+
 def write_atomic(path: Path, text: str, *, durable: bool = True) -> None:
     """Replace path with text so that a reader sees the old file or the new, never a mix."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
+        with open_text(tmp) as handle:
             handle.write(text)
             handle.flush()
             persisted("write")

@@ -23,9 +23,30 @@ def yaml_module() -> Any:
     return yaml
 
 
+_loader: Any = None
+
+
+def _text_times_loader() -> Any:
+    """PyYAML's safe loader that reads an unquoted date or time as the string it is.
+
+    A hand-edited start_time: 2024-05-01 10:00:00 is valid YAML, and resweep keeps times as text.
+    """
+    global _loader
+    if _loader is None:
+        yaml = yaml_module()
+        base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        timestamp = "tag:yaml.org,2002:timestamp"
+        resolvers = {
+            first: [(tag, regexp) for tag, regexp in entries if tag != timestamp]
+            for first, entries in base.yaml_implicit_resolvers.items()
+        }
+        _loader = type("TextTimesLoader", (base,), {"yaml_implicit_resolvers": resolvers})
+    return _loader
+
+
 def yaml_load(text: str) -> Any:
-    yaml = yaml_module()
-    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    """YAML as resweep reads it: the safe loader, dates and times kept as text."""
+    return yaml_module().load(text, Loader=_text_times_loader())
 
 
 def yaml_error() -> type[Exception]:

@@ -72,6 +72,9 @@ class Experiment:
         if self._named is None:
             if self.configs is None:
                 state = self.read_state()
+                fix = "rename it in experiment.yaml, or give the experiment its configs"
+                for name in state.configs:
+                    identity.check_name(name, "experiment.yaml", fix)
                 self._named = {n: (r["params"], r["params"]) for n, r in state.configs.items()}
             else:
                 if not isinstance(self.configs, Sequence):
@@ -200,6 +203,11 @@ class Experiment:
                 del state.configs[n]
             if dropped:
                 store.compact(state)
+                from resweep import summary
+
+                if (store.root / summary.SUMMARY_FILE).exists():
+                    # A summary describes the state's configs: the dropped ones leave it too.
+                    summary.save_summary(store, force=True, state=state)
         return dropped
 
     def config_record(self, name: str) -> ConfigRecord:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import os
@@ -11,11 +12,12 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from resweep.clock import now_iso
-from resweep.durable import persisted, write_all, write_atomic
+from resweep.durable import WriteFault, open_fd, open_text, persisted, write_all, write_atomic
 from resweep.encoding import decode_flow, encode_flow, encode_line, yaml_error
+from resweep.errors import ConfigError, StateError
 
 CONFIGS_DIR = "configs"
 RESULT_FILE = "result.yaml"
@@ -32,7 +34,13 @@ MARKER_BYTES = 1024
 
 
 def config_path(root: str | os.PathLike[str], name: str) -> str:
-    """configs/<name> under root, as a string: most configs never need a Path of it."""
+    """configs/<name> under root, as a string: most configs never need a Path of it.
+
+    Names are checked before anything runs (identity.check_name); this refuses, once more, any
+    name that would lead out of configs/.
+    """
+    if "/" in name or name in ("", ".", "..") or "\0" in name or os.sep in name:
+        raise ConfigError(f"config name {name!r} would lead out of {CONFIGS_DIR}/; rename it")
     return f"{os.fspath(root)}{os.sep}{CONFIGS_DIR}{os.sep}{name}"
 
 
@@ -41,12 +49,39 @@ def prepare_config_dir(config_dir: str | os.PathLike[str]) -> None:
     try:
         os.mkdir(config_dir)
     except FileExistsError:
+        if os.path.islink(config_dir):
+            raise WriteFault(errno.ELOOP, os.strerror(errno.ELOOP), os.fspath(config_dir)) from None
         # Only a directory that was there can hold files of an earlier attempt.
         for stale in (RESULT_FILE, EXCEPTION_FILE):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(config_dir, stale))
     except FileNotFoundError:
         os.makedirs(config_dir, exist_ok=True)
+
+
+# The entries of output_dir that resweep writes in or through, and whether each is a directory.
+OWN_ENTRIES = {
+    CONFIGS_DIR: True, "cache": True, WORKERS_DIR: True, "cache.lock": False, ".lock": False,
+    "run.json": False, "journal.jsonl": False, "experiment.yaml": False, "summary.csv": False,
+    ".finished.json": False, RUN_FAILURE_FILE: False,
+}  # fmt: skip
+
+
+def check_layout(root: str | os.PathLike[str]) -> None:
+    """A StateError, before a run changes anything, when one of resweep's own entries under
+    output_dir is a symbolic link, or a directory where a file belongs (or the reverse)."""
+    for entry, is_dir in OWN_ENTRIES.items():
+        path = os.path.join(root, entry)
+        if os.path.islink(path):
+            raise StateError(
+                f"{path} is a symbolic link; resweep writes only through paths it made: replace "
+                "it with a real file or directory, or point output_dir at the link's target"
+            )
+        if os.path.exists(path) and os.path.isdir(path) != is_dir:
+            kind, other = ("a file", "directory") if is_dir else ("a directory", "file")
+            raise StateError(
+                f"{path} is {kind} where resweep keeps its {other}; move it away and run again"
+            )
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -94,7 +129,7 @@ def write_result(config_dir: str | os.PathLike[str], stored: StoredResult) -> No
     meta[RESULT_BYTES_KEY] = len(data)
     head = f"{RESULT_META_PREFIX}{encode_line(meta)}\n".encode()
     path = os.path.join(config_dir, RESULT_FILE)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = open_fd(path)
     try:
         write_all(fd, head + data + b"\n")
     finally:
@@ -104,10 +139,16 @@ def write_result(config_dir: str | os.PathLike[str], stored: StoredResult) -> No
 
 def read_result(config_dir: str | os.PathLike[str]) -> StoredResult | None:
     """The stored result, or None when the file is missing, unreadable or cut short."""
+    path = Path(config_dir, RESULT_FILE)
     try:
-        text = Path(config_dir, RESULT_FILE).read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
         return None
+    except OSError as error:
+        raise StateError(
+            f"cannot read {path}: {error.strerror}; fix its permissions (or move it away to run "
+            "that config again)"
+        ) from None
     first, _, rest = text.partition("\n")
     if not first.startswith(RESULT_META_PREFIX):
         return None
@@ -137,9 +178,7 @@ def log_header(attempt: int, *, remote: bool = False) -> str:
 def append_log(config_dir: str | os.PathLike[str], text: str) -> None:
     """Add text to a config's log.txt (log.txt keeps every attempt)."""
     if text:
-        with open(
-            os.path.join(config_dir, LOG_FILE), "a", encoding="utf-8", errors="replace"
-        ) as log:
+        with open_text(os.path.join(config_dir, LOG_FILE), append=True) as log:
             log.write(text)
 
 
@@ -157,13 +196,13 @@ class LazyLog(io.TextIOBase):
     def __init__(self, path: str | os.PathLike[str], attempt: int) -> None:
         self._path = path
         self._attempt = attempt
-        self._handle: io.TextIOWrapper | None = None
+        self._handle: TextIO | None = None
 
     def write(self, text: str) -> int:
         if not text:
             return 0
         if self._handle is None:
-            self._handle = open(self._path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 (closed by close())
+            self._handle = open_text(self._path, append=True)
             self._handle.write(log_header(self._attempt))
         return self._handle.write(text)
 
@@ -185,20 +224,41 @@ class LazyLog(io.TextIOBase):
 
 
 class Marker:
-    """This worker process's marker file, rewritten in place whenever it starts or ends a config."""
+    """This worker process's marker file, rewritten in place whenever it starts or ends a config.
 
-    def __init__(self, markers_dir: str | os.PathLike[str]) -> None:
-        path = os.path.join(markers_dir, str(os.getpid()))
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    While it runs a config the process holds an flock on the file: a later run that finds the
+    lock held knows a process still runs a config of a run that is gone (see recovery).
+    """
+
+    def __init__(self, markers_dir: str | os.PathLike[str], name: str | None = None) -> None:
+        path = os.path.join(markers_dir, name or str(os.getpid()))
+        self._fd = open_fd(path)
 
     def mark(self, name: str) -> None:
         """Say which config this process runs now ('' for none)."""
+        import fcntl
+
         record = f"{time.time():.3f} {name}".encode()[:MARKER_BYTES]
+        if name:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
         os.pwrite(self._fd, record.ljust(MARKER_BYTES), 0)
+        if not name:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._fd)
+
+
+def marker_pid(file_name: str) -> tuple[str, int] | None:
+    """(host, pid) of the process a marker file belongs to: '<pid>' here, 'dask-<host>-<pid>'."""
+    if file_name.isdigit():
+        return socket.gethostname(), int(file_name)
+    if file_name.startswith("dask-"):
+        host, _, pid = file_name[len("dask-") :].rpartition("-")
+        if pid.isdigit() and host:
+            return host, int(pid)
+    return None
 
 
 def read_markers(markers_dir: str | os.PathLike[str]) -> dict[str, tuple[int, float]]:
@@ -212,11 +272,42 @@ def read_markers(markers_dir: str | os.PathLike[str]) -> dict[str, tuple[int, fl
         try:
             with open(entry.path, "rb") as handle:
                 stamp, _, name = handle.read(MARKER_BYTES).decode().strip().partition(" ")
-            running[name] = (int(entry.name), float(stamp))
+            owner = marker_pid(entry.name)
+            if owner is not None:
+                running[name] = (owner[1], float(stamp))
         except (OSError, ValueError):
             continue
     running.pop("", None)
     return running
+
+
+# A Dask run's coordinator lists here each config a worker was heard to start, one per line.
+STARTED_FILE = "started"
+
+
+def note_started(markers_dir: str | os.PathLike[str], names: list[str]) -> None:
+    """Append configs that really started, for the settling of a run that dies (Dask)."""
+    data = "".join(f"{encode_line(name)}\n" for name in names).encode()
+    fd = open_fd(os.path.join(markers_dir, STARTED_FILE), append=True)
+    try:
+        write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def read_started(markers_dir: str | os.PathLike[str]) -> set[str] | None:
+    """The configs a Dask run heard start, or None when it was no Dask run."""
+    try:
+        text = Path(markers_dir, STARTED_FILE).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    started = set()
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            name = json.loads(line)
+            if isinstance(name, str):
+                started.add(name)
+    return started
 
 
 def clear_markers(markers_dir: str | os.PathLike[str]) -> None:

@@ -20,6 +20,8 @@ from resweep.errors import ConfigError
 MAX_READABLE_NAME_CHARS = 64
 # Longest name accepted at all: room for a file name on every common filesystem.
 MAX_NAME_CHARS = 200
+# A file name's limit on common filesystems (ext4, XFS, APFS, NTFS in UTF-16 units aside).
+MAX_NAME_BYTES = 255
 HASH_HEX_DIGITS = 12
 
 Params = dict[str, Any]
@@ -280,13 +282,21 @@ def default_name(params: Params) -> str:
     return ",".join(parts)
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _plain_name(name: str) -> bool:
     """Whether name is made of characters and a length that no check below objects to."""
     return len(name) <= MAX_NAME_CHARS and bool(_PLAIN_NAME.match(name)) and name not in (".", "..")
 
 
-def check_name(name: object, where: str) -> str:
-    """The name itself when it is safe as a directory name, else a ConfigError."""
+def check_name(name: object, where: str, fix: str = "fix config_naming") -> str:
+    """The name itself when it is safe as a directory name, else a ConfigError saying `fix`."""
     if not isinstance(name, str):
         raise ConfigError(f"{where}: config_naming returned {type(name).__name__}, not a str")
     if _plain_name(name):
@@ -300,10 +310,14 @@ def check_name(name: object, where: str) -> str:
         problem = "contains '/', '\\' or a control character"
     elif len(name) > MAX_NAME_CHARS:
         problem = f"is longer than {MAX_NAME_CHARS} characters"
+    elif not _encodable(name):
+        problem = "is not valid Unicode text (it holds a lone surrogate)"
+    elif len(name.encode()) > MAX_NAME_BYTES:
+        problem = f"takes more than {MAX_NAME_BYTES} bytes in UTF-8, too long for a file name"
     elif name.startswith("-"):
         problem = "starts with '-', which a command line would take for an option"
     if problem:
-        raise ConfigError(f"{where}: config name {name!r} {problem}; fix config_naming")
+        raise ConfigError(f"{where}: config name {name!r} {problem}; {fix}")
     return name
 
 

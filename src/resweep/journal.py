@@ -9,34 +9,66 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from resweep.durable import fsync_dir, persisted, write_all
+from resweep.durable import fsync_dir, open_fd, persisted, write_all
 from resweep.encoding import decode_flow, encode_line, yaml_error
-from resweep.state import State
+from resweep.errors import StateError
+from resweep.state import STATUSES, State
 
 # (sequence number, config name, the fields that changed)
 Entry = tuple[int, str, dict[str, Any]]
 
 
 def read_journal(path: Path, after_seq: int) -> list[Entry]:
-    """The journal entries newer than after_seq; a torn last line (a crash mid-write) is skipped."""
+    """The journal entries newer than after_seq; a torn last line (a crash mid-write) is skipped.
+
+    A line that parses but is not a journal entry is a StateError: it was not written by resweep.
+    """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return []
+    except OSError as error:
+        raise StateError(f"cannot read {path}: {error.strerror}; {_JOURNAL_HINT}") from None
     entries = []
     lines = data.split(b"\n")
     for index, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            seq, name, fields = decode_flow(line.decode("utf-8"))
+            entry = decode_flow(line.decode("utf-8"))
         except (ValueError, TypeError, yaml_error()):
             if index != len(lines) - 1:
                 warnings.warn(f"{path}: skipped unreadable line {index + 1}", stacklevel=2)
             continue
+        if not _is_entry(entry):
+            shown = line[:80].decode("utf-8", "replace")
+            raise StateError(
+                f"{path} line {index + 1} is not a resweep journal entry ({shown!r}); "
+                f"{_JOURNAL_HINT}"
+            )
+        seq, name, fields = entry
         if seq > after_seq:
             entries.append((seq, name, fields))
     return entries
+
+
+_JOURNAL_HINT = (
+    "restore it, or move it away to keep the state as of its last compaction (configs that "
+    "changed since run again unless their result files say done)"
+)
+
+
+def _is_entry(entry: Any) -> bool:
+    """[sequence number >= 1, config name, fields], with a known status and attempts if any."""
+    if not (isinstance(entry, list) and len(entry) == 3):
+        return False
+    seq, name, fields = entry
+    if type(seq) is not int or seq < 1 or type(name) is not str or type(fields) is not dict:
+        return False
+    if "status" in fields and fields["status"] not in STATUSES:
+        return False
+    attempts = fields.get("attempts", 0)
+    return type(attempts) is int and attempts >= 0
 
 
 def apply_entries(state: State, entries: list[Entry]) -> None:
@@ -57,7 +89,7 @@ class Journal:
         self._pending: list[bytes] = []
         self._lock = threading.Lock()
         created = not path.exists()
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd = open_fd(path, append=True)
         if created:
             fsync_dir(path.parent)
 

@@ -53,6 +53,28 @@ class RunInfo:
         return self.host == socket.gethostname() and not pid_alive(self.pid)
 
 
+def local_holders(path: Path) -> set[int] | None:
+    """The pids of processes on this host that hold a lock on path, from /proc/locks.
+
+    None where the kernel does not say (no /proc/locks): then nobody can tell.
+    """
+    try:
+        info = os.stat(path)
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    holders = set()
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 21470 fe:00:2467049 0 EOF"; a blocked waiter has "->".
+        if "->" in fields or len(fields) < 6:
+            continue
+        if fields[5] == device and fields[4].isdigit():
+            holders.add(int(fields[4]))
+    return holders
+
+
 def _read_run_file(run_path: Path) -> RunInfo | None:
     try:
         return RunInfo(**json.loads(run_path.read_text()))
@@ -97,11 +119,16 @@ def hold(root: Path, *, break_lock: bool = False) -> Iterator[RunInfo]:
                 f"another run is active on {root}: {described}; wait for it to end, "
                 "or if it is dead on another host, run again with --break-lock"
             ) from None
-        if found is not None and found.host == socket.gethostname():
-            # flock dies with its holder: a held lock on this host has a living holder.
+        living = local_holders(lock_path)
+        here = found is not None and found.host == socket.gethostname()
+        if living or here or (living is None and found is None):
+            # flock dies with its holder: a lock held on this host has a living holder, whatever
+            # side files say. Where the kernel cannot say who holds it, nothing is broken.
+            pid = found.pid if found is not None else min(living or {0})
+            hint = f"stop it first (kill {pid})" if pid else "stop it first"
             raise LockedError(
                 f"another run is active on {root}: {described}, alive on this host; "
-                f"stop it first (kill {found.pid}), --break-lock only takes over a dead run"
+                f"{hint}, --break-lock only takes over a run on another host that is gone"
             ) from None
         # Taking over: a new lock file, so the old holder's lock no longer counts.
         with contextlib.suppress(FileNotFoundError):

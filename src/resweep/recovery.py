@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from resweep.clock import now_iso
-from resweep.files import WORKERS_DIR, config_path, read_markers, read_result
+from resweep.errors import StateError
+from resweep.files import (
+    WORKERS_DIR,
+    config_path,
+    marker_pid,
+    read_markers,
+    read_result,
+    read_started,
+)
 from resweep.state import State
 from resweep.store import Store
 
@@ -45,7 +54,70 @@ def settle(
 def executing_configs(root: str) -> set[str] | None:
     """The configs worker processes of the last run were running, or None when it had none."""
     markers = os.path.join(root, WORKERS_DIR)
-    return set(read_markers(markers)) if os.path.isdir(markers) else None
+    if not os.path.isdir(markers):
+        return None
+    # Worker processes leave markers; a Dask run also lists what its workers were heard to start.
+    return (read_started(markers) or set()) | set(read_markers(markers))
+
+
+# How long a run waits for a worker of a dead run to die once it was sent SIGKILL, or for one on
+# another host to end its config, before it gives up and says so.
+ORPHAN_WAIT_S = 60.0
+
+
+def stop_orphans(root: str, wait_s: float = ORPHAN_WAIT_S) -> list[int]:
+    """Kill the worker processes a dead run left running configs, and wait until they are gone.
+
+    A worker holds an flock on its marker file while it runs a config, so a held lock is a
+    living worker inside a config (a pid alone could have been reused). Workers on this host are killed; for one on another
+    host that shares output_dir, the run waits. Returns the pids that were stopped. Two
+    executions of one config never overlap: the new run starts none before this returns.
+    """
+    import fcntl
+    import signal
+    import socket
+    import time
+
+    markers = os.path.join(root, WORKERS_DIR)
+    try:
+        entries = list(os.scandir(markers))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    here = socket.gethostname()
+    stopped = []
+    for entry in entries:
+        owner = marker_pid(entry.name)
+        if owner is None:
+            continue
+        host, pid = owner
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            deadline = time.monotonic() + wait_s
+            killed = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break  # nobody holds it: that process is gone
+                except BlockingIOError:
+                    pass
+                if host == here and pid != os.getpid() and not killed:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+                    killed = True
+                    stopped.append(pid)
+                if time.monotonic() > deadline:
+                    where = "" if host == here else f" on host {host}"
+                    raise StateError(
+                        f"a worker process of a run that is gone (pid {pid}{where}) still runs a "
+                        f"config of {root}; stop it, then run again"
+                    )
+                time.sleep(0.01)
+        finally:
+            os.close(fd)
+    return stopped
 
 
 def settle_left_running(state: State, root: str, *, count: bool = True) -> list[str]:

@@ -17,16 +17,15 @@ from typing import Any, Protocol
 
 from resweep import cache, planning, provenance
 from resweep.clock import now_iso
-from resweep.durable import write_atomic
-from resweep.files import CONFIGS_DIR, RUN_FAILURE_FILE, remove_workers_dir
+from resweep.durable import fault_text, write_atomic
+from resweep.files import CONFIGS_DIR, RUN_FAILURE_FILE, check_layout, remove_workers_dir
 from resweep.options import RunOptions
 from resweep.pools.base import Pool, PoolStopped, Returned
 from resweep.pools.registry import open_pool
-from resweep.recovery import settle, settle_left_running
+from resweep.recovery import settle, settle_left_running, stop_orphans
 from resweep.state import State
 from resweep.store import StateWriter, Store
 from resweep.worker import (
-    STORAGE_ERRNOS,
     Job,
     Task,
     WorkerSetup,
@@ -96,6 +95,8 @@ class RunReport:
     executed: int = 0
     # "SIGINT" or "SIGTERM" when a signal stopped the run.
     signal: str | None = None
+    # Configs not done that the state holds but the script no longer declares (clean_index).
+    absent: tuple[str, ...] = ()
 
     @property
     def exit_code(self) -> int:
@@ -415,6 +416,7 @@ def run_experiment(experiment: Declared, options: RunOptions) -> RunReport:
     named = None if finished is not None else experiment.named_configs()
     try:
         store.ensure_dir()
+        check_layout(store.root)
         with store.lock(break_lock=options.break_lock):
             if finished is not None and options.only is None and not options.rerun_changed:
                 counts = store.finished_counts(finished)
@@ -430,10 +432,8 @@ def run_experiment(experiment: Declared, options: RunOptions) -> RunReport:
                 named = experiment.named_configs()
             return _run_locked(experiment, named, store, options, finished)
     except OSError as error:
-        if error.errno not in STORAGE_ERRNOS:
-            raise
-        where = f" while writing {error.filename}" if error.filename else ""
-        raise storage_error(f"{os.strerror(error.errno or 0)}{where}") from None
+        # Configs' own errors never get here: this is resweep's own writing that failed.
+        raise storage_error(fault_text(error)) from None
 
 
 def _run_locked(
@@ -447,6 +447,8 @@ def _run_locked(
     state = store.read() if existed else State()
     dirty = planning.merge(state, named, name=experiment.name, description=experiment.description)
     dirty = dirty or not existed
+    # A dead run's workers may still run its configs: none may overlap with this run's.
+    stop_orphans(str(store.root))
     dirty = bool(settle_left_running(state, str(store.root))) or dirty
     # A journal on disk means the last run did not end cleanly: fold it in now.
     dirty = dirty or store.journal_path.exists()
@@ -466,6 +468,9 @@ def _run_locked(
         if dirty:  # nothing to run and nothing new: a resume of a finished sweep writes nothing
             store.compact(state)
     else:
+        if experiment.cache:
+            # A broken cache stops the run before it writes anything: every config stays todo.
+            cache.check_cache(store.root)
         store.forget_finished()
         # Started first: worker processes import Python and resweep while the state is written.
         pool = open_pool(options)
@@ -493,7 +498,10 @@ def _run_locked(
         if key is not None:
             store.mark_finished(key, counts)
     stop = scheduler.stop if scheduler is not None else None
+    # In the state, not in the script: nothing will ever run them, so the report names them.
+    absent = [n for n, r in state.configs.items() if n not in named and r["status"] != "done"]
     return RunReport(
+        absent=tuple(absent),
         done=counts["done"],
         failed=counts["failed"],
         todo=counts["todo"] + counts["running"],

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import threading
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -118,15 +119,27 @@ class Store:
                 ) from None
             except UnicodeDecodeError:
                 raise StateError(f"{self.state_path} is not UTF-8 text; {RESTORE_HINT}") from None
+            except OSError as error:
+                raise StateError(
+                    f"cannot read {self.state_path}: {error.strerror}; {RESTORE_HINT}"
+                ) from None
             state = parse_state_checked(text, self.state_path)
             entries = read_journal(self.journal_path, state.journal_seq)
             # A compaction between our two reads leaves a gap, or a newer state file over an
             # emptied journal (the old file alone would be a step back in time): read again.
             if file_version(self.state_path) != version:
                 continue
-            if not entries or entries[0][0] == state.journal_seq + 1:
-                apply_entries(state, entries)
-                return state
+            if entries and entries[0][0] != state.journal_seq + 1:
+                # Not a compaction (the state file is the same): the journal lost its head, cut
+                # by hand or by a failing disk. What it still holds is true; apply it.
+                warnings.warn(
+                    f"{self.journal_path} lacks entries {state.journal_seq + 1} to "
+                    f"{entries[0][0] - 1} (it was cut); the configs they changed read as the "
+                    "state file had them, and a run settles them again",
+                    stacklevel=2,
+                )
+            apply_entries(state, entries)
+            return state
         raise StateError(f"{self.root} changed five times while being read; try again")
 
     def read_one(self, name: str) -> State:

@@ -10,8 +10,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from resweep.durable import write_atomic
-from resweep.errors import ResweepError, StateError
+from resweep.durable import fault_text, write_atomic
+from resweep.errors import ResweepError, StateError, StorageError
 from resweep.identity import flatten
 from resweep.recovery import read_settled
 from resweep.state import State
@@ -107,7 +107,10 @@ def save_summary(store: Store, *, force: bool = False, state: State | None = Non
     writer.writerow(columns)
     writer.writerows(_cells(row, columns) for row in table)
     path = store.root / SUMMARY_FILE
-    write_atomic(path, buffer.getvalue())
+    try:
+        write_atomic(path, buffer.getvalue())
+    except OSError as error:
+        raise StorageError(f"could not write the summary: {fault_text(error)}") from None
     return path
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import errno
 import inspect
 import io
 import logging
@@ -22,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 from resweep import cache
 from resweep.clock import now_iso
+from resweep.durable import DISK_ERRNOS, WriteFault, fault_text, is_write_fault
 from resweep.errors import ResultError, ResweepError, StorageError
 from resweep.files import (
     LOG_FILE,
@@ -35,8 +35,6 @@ from resweep.files import (
 
 T = TypeVar("T")
 ERROR_LINE_CHARS = 500
-# Errors that mean the disk, not the code, failed: the run stops cleanly, exit status 2.
-STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT, errno.EROFS})
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
@@ -275,7 +273,8 @@ def call_config(
     except KeyboardInterrupt:
         raise
     except OSError as exc:
-        if exc.errno in STORAGE_ERRNOS:
+        # The config's own OSError is its failure, unless the disk failed or resweep's own write.
+        if isinstance(exc, WriteFault) or exc.errno in DISK_ERRNOS:
             return exc
         error = error_line(exc)
         trace = "".join(traceback.format_exception(exc))
@@ -328,9 +327,11 @@ def execute(
             elif trace is not None:
                 write_failure(config_dir, task.attempt, now_iso(), trace)
         except OSError as exc:
-            if exc.errno not in STORAGE_ERRNOS:
-                raise
-            return faulted(task, start_time, exc)
+            if is_write_fault(exc):
+                return faulted(task, start_time, exc)
+            return unstorable(outcome, exc)
+        except Exception as exc:  # a result that cannot be encoded: this config's failure alone
+            return unstorable(outcome, exc)
         return outcome
     finally:
         # Idle only once the result is stored: a settled config is never half-done.
@@ -352,17 +353,17 @@ def stored_result(job: Job, outcome: Outcome) -> StoredResult:
     )
 
 
-def fault_text(error: OSError) -> str:
-    """What a storage fault says, for the line a stopped run prints."""
-    return f"{os.strerror(error.errno or 0)} while writing {error.filename or 'a file'}"
+def unstorable(outcome: Outcome, error: Exception) -> Outcome:
+    """The outcome of a config whose result could not be stored: failed, with why."""
+    outcome.ok = False
+    outcome.result = None
+    outcome.error = f"cannot store the result: {error_line(error)}"
+    return outcome
 
 
 def storage_error(fault: str) -> StorageError:
-    """The error a run stops with when the disk failed: nothing finished is lost."""
-    return StorageError(
-        f"stopped: {fault}; free space or fix the disk, then run again (every finished config is "
-        "saved)"
-    )
+    """The error a run stops with when resweep could not write: nothing finished is lost."""
+    return StorageError(f"stopped: {fault}, then run again (every finished config is saved)")
 
 
 def pickle_job(job: Job) -> bytes:
@@ -413,13 +414,27 @@ _SCALARS = (str, int, float, bool, type(None))
 
 
 def _plain(value: Any, where: str) -> Any:
-    if isinstance(value, _SCALARS):
+    kind = type(value)
+    if kind is str:
+        if not value.isascii():
+            _check_text(value, where)
         return value
+    if kind is int or kind is float or kind is bool or value is None:
+        return value
+    if isinstance(value, _SCALARS):
+        # A subclass (an IntEnum member, a str subclass) is stored as its plain value, so the
+        # state, summary.csv and show all say the same.
+        plain = _plain_scalar(value)
+        return _plain(plain, where) if type(plain) is str else plain
     if isinstance(value, Mapping):
         out = {}
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ResultError(f"result key {where}{k!r} is not a string")
+            if type(k) is not str:
+                k = str.__str__(k)
+            if not k.isascii():
+                _check_text(k, where)
             out[k] = _plain(v, f"{where}{k}.")
         return out
     if isinstance(value, list | tuple):
@@ -434,6 +449,29 @@ def _plain(value: Any, where: str) -> Any:
         f"result key {key!r} is a {type(value).__name__}, which is not YAML-safe; return str, "
         "int, float, bool, None, or lists and dicts of those"
     )
+
+
+def _plain_scalar(value: Any) -> Any:
+    """The plain str, int, float or bool with the value of a subclass instance."""
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    return str.__str__(value)
+
+
+def _check_text(text: str, where: str) -> None:
+    """Refuse a string that is not valid Unicode (a lone surrogate, from a file name's bytes)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        key = where.rstrip(".") or "(the result)"
+        raise ResultError(
+            f"result key {key!r} holds {text!r}, which is not valid Unicode text (a lone "
+            "surrogate, as os.fsdecode makes of bytes that are not UTF-8); decode it yourself"
+        ) from None
 
 
 def to_plain_result(raw: Any) -> Any:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -211,8 +213,14 @@ time.sleep(600)
 """
 
 
-def test_break_lock_takes_over_a_lock_held_from_another_host(script: Path) -> None:
-    """A lock whose holder cannot be proven dead is refused with a hint; --break-lock takes over."""
+def _can_unshare() -> bool:
+    return os.geteuid() == 0 and shutil.which("unshare") is not None
+
+
+def test_break_lock_takes_over_only_a_holder_this_host_cannot_see(script: Path) -> None:
+    """A held lock is refused with a hint. --break-lock does not take it from a process alive on
+    this host, whatever run.json claims; it takes it from a holder the kernel does not show this
+    run, as a holder on another host sharing output_dir (modelled with a separate PID namespace)."""
     out = script.parent / "out"
     out.mkdir()
     holder = subprocess.Popen(
@@ -224,8 +232,17 @@ def test_break_lock_takes_over_a_lock_held_from_another_host(script: Path) -> No
         assert_one_line_error(
             refused, "gpu-node-7", "pid 4242", "2026-01-02T03:04:05", "--break-lock"
         )
+        # run.json says another host, but the kernel shows a living holder here.
+        alive = run_cli(script, "run", *THREADS, "--break-lock")
+        assert_one_line_error(alive, "alive on this host")
         assert executions(script) == []
-        taken = run_cli(script, "run", *THREADS, "--break-lock")
+        if not _can_unshare():
+            pytest.skip("needs root and unshare to model a holder on another host")
+        taken = subprocess.run(
+            ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, str(script),
+             "run", *THREADS, "--break-lock"],
+            capture_output=True, text=True, timeout=120, cwd=script.parent, env=child_env(),
+        )  # fmt: skip
         assert taken.returncode == 0, taken.stderr
     finally:
         holder.kill()

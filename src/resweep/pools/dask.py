@@ -17,12 +17,13 @@ import distributed
 
 from resweep import cache
 from resweep.clock import now_iso
-from resweep.durable import write_atomic
+from resweep.durable import fault_text, is_write_fault, write_atomic
 from resweep.errors import ResweepError
 from resweep.files import (
     WORKERS_DIR,
     append_log,
     config_path,
+    note_started,
     prepare_config_dir,
     write_failure,
     write_result,
@@ -30,14 +31,13 @@ from resweep.files import (
 from resweep.pools.base import Returned, batch_size, timeout_reason
 from resweep.pools.dask_remote import SCRATCH_PREFIX, JobPlugin, Shipment, run_remote, topic
 from resweep.worker import (
-    STORAGE_ERRNOS,
     Job,
     Outcome,
     Task,
     error_line,
-    fault_text,
     pickle_job,
     stored_result,
+    unstorable,
 )
 
 # Configs out on the cluster per worker thread (running or queued at the scheduler).
@@ -91,6 +91,8 @@ class DaskPool:
         self.started: dict[str, tuple[str, int, str, float]] = {}
         # The keys of the tasks out now: a start heard late from a dropped task is ignored.
         self._live: set[str] = set()
+        # (config, attempt) of every config a worker was heard to start.
+        self.heard: set[tuple[str, int]] = set()
         self.job: Job | None = None
         self.timeout_s: float | None = None
         self.cache: Any = None
@@ -108,15 +110,22 @@ class DaskPool:
     def _connect(self) -> None:
         """Connect to the scheduler at address, or start a local cluster of max_workers processes."""
         if self.address is None:
-            self.cluster = _distributed.LocalCluster(
-                n_workers=self.max_workers,
-                threads_per_worker=1,
-                processes=True,
-                # Any free port: a fixed one clashes with other clusters on the machine.
-                dashboard_address=":0",
-                silence_logs=logging.ERROR,
-            )
-            self.client = _distributed.Client(self.cluster)
+            try:
+                self.cluster = _distributed.LocalCluster(
+                    n_workers=self.max_workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    # Any free port: a fixed one clashes with other clusters on the machine.
+                    dashboard_address=":0",
+                    silence_logs=logging.CRITICAL,
+                )
+                self.client = _distributed.Client(self.cluster)
+            except Exception as error:
+                _quiet_dask_logs()
+                raise ResweepError(
+                    f"could not start a local Dask cluster of {self.max_workers} workers "
+                    f"({error_line(error)}); nothing ran, run again"
+                ) from None
         else:
             try:
                 self.client = _distributed.Client(self.address, timeout=CONNECT_TIMEOUT_S)
@@ -141,16 +150,23 @@ class DaskPool:
         probe.parent.mkdir(exist_ok=True)
         write_atomic(probe, job.token, durable=False)
         self._probe = probe
-        if report_starts:
-            self.client.subscribe_topic(topic(job.token), self._heard_start)
+        self.client.subscribe_topic(topic(job.token), self._heard_start)
         self._plugin = f"{SCRATCH_PREFIX}{job.token}"
         plugin = JobPlugin(job.token, blob, report_starts, own_cluster=self.cluster is not None)
         self.client.register_plugin(plugin, name=self._plugin)
 
     def _heard_start(self, event: tuple[float, Any]) -> None:
-        key, name, attempt, worker = event[1]
-        if key in self._live:
-            self.started[str(key)] = (str(name), int(attempt), str(worker), time.monotonic())
+        key, configs, worker = event[1]
+        if key not in self._live:
+            return
+        for name, attempt in configs:
+            self.heard.add((str(name), int(attempt)))
+        if self.job is not None:
+            # On disk too: if this coordinator dies, the next run knows these attempts happened.
+            with contextlib.suppress(OSError):
+                note_started(Path(self.job.output_dir, WORKERS_DIR), [str(n) for n, _ in configs])
+        name, attempt = configs[-1]
+        self.started[str(key)] = (str(name), int(attempt), str(worker), time.monotonic())
 
     def capacity(self) -> int:
         """A Dask result crosses the network twice; more configs queued hide that delay."""
@@ -387,7 +403,8 @@ class DaskPool:
                 self.client.cancel(keys, force=True)
 
     def executing(self) -> set[str] | None:
-        return None
+        """The configs a worker was heard to start: one never started did not use an attempt."""
+        return {name for name, _ in self.heard}
 
     def close(self, *, finished: bool = True) -> None:
         """Take the run off the workers; close the client, and the cluster this run started."""
@@ -439,8 +456,12 @@ def land(job: Job, calls: Any, outcome: Outcome, shipment: Shipment) -> bool:
         elif shipment.trace is not None:
             write_failure(config_dir, outcome.attempt, outcome.end_time, shipment.trace)
     except OSError as exc:
-        if exc.errno not in STORAGE_ERRNOS:
-            raise
+        if not is_write_fault(exc):
+            unstorable(outcome, exc)
+            return False
         outcome.fault = fault_text(exc)
+        return False
+    except Exception as exc:  # a result that cannot be encoded: this config's failure alone
+        unstorable(outcome, exc)
         return False
     return recorded

@@ -8,6 +8,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -18,10 +19,10 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from resweep import cache
 from resweep.clock import now_iso
+from resweep.durable import is_write_fault
 from resweep.errors import ResweepError
-from resweep.files import CONFIGS_DIR, WORKERS_DIR, log_header
+from resweep.files import CONFIGS_DIR, WORKERS_DIR, Marker, log_header
 from resweep.worker import (
-    STORAGE_ERRNOS,
     Job,
     Outcome,
     Task,
@@ -60,6 +61,9 @@ class _Remote:
     # The worker sees the coordinator's output_dir (a shared filesystem): ctx.dir is the real one.
     shared: bool
     report_starts: bool
+    # Where this process says which config it runs, when it sees output_dir: a later run that
+    # finds it still held after this run died stops this process before running that config.
+    marker: Marker | None = None
 
 
 # Filled by JobPlugin on every worker, including those that join later (adaptive scaling).
@@ -89,6 +93,8 @@ class JobPlugin(WorkerPlugin):
         with _prepare_lock:
             remote = _prepared.pop(self.token, None)
         if remote is not None:
+            if remote.marker is not None:
+                remote.marker.close()
             with contextlib.suppress(Exception):
                 cache.close_cache(remote.scratch)
             shutil.rmtree(remote.scratch, ignore_errors=True)
@@ -130,7 +136,13 @@ def _prepare_remote(token: str) -> _Remote:
         scratch = Path(distributed.get_worker().local_directory, f"{SCRATCH_PREFIX}{token}")
         scratch.mkdir(parents=True, exist_ok=True)
         setup_error = setup_worker(job)
-        remote = _Remote(job, setup_error, scratch, _sees_output_dir(job), report_starts)
+        shared = _sees_output_dir(job)
+        marker = None
+        if shared:
+            with contextlib.suppress(OSError):
+                name = f"dask-{socket.gethostname()}-{os.getpid()}"
+                marker = Marker(Path(job.output_dir, WORKERS_DIR), name)
+        remote = _Remote(job, setup_error, scratch, shared, report_starts, marker)
         _prepared[token] = remote
         return remote
 
@@ -170,15 +182,20 @@ class _TextLog(io.TextIOBase):
 def run_remote(
     token: str, tasks: list[Task], recorded: dict[str, list[tuple[str, bytes]]]
 ) -> list[tuple[Outcome, Shipment]]:
-    """Run a batch of configs on a Dask worker; what they leave travels back with the outcomes."""
+    """Run a batch of configs on a Dask worker; what they leave travels back with the outcomes.
+
+    The coordinator hears when the batch starts (an attempt that never started is not counted),
+    and with timeout_s when each config starts (the limit counts from its own start).
+    """
     remote = _prepare_remote(token)
-    worker = distributed.get_worker() if remote.report_starts else None
-    key = worker.get_current_task() if worker is not None else None
+    worker = distributed.get_worker()
+    key = worker.get_current_task()
+    if not remote.report_starts:
+        worker.log_event(topic(token), [key, [[t.name, t.attempt] for t in tasks], worker.address])
     shipped = []
     for task in tasks:
-        if worker is not None:
-            # Per config, not per batch: timeout_s counts from this config's own start.
-            worker.log_event(topic(token), [key, task.name, task.attempt, worker.address])
+        if remote.report_starts:
+            worker.log_event(topic(token), [key, [[task.name, task.attempt]], worker.address])
         shipped.append(_execute_remote(remote, task, recorded.get(task.name, [])))
     return shipped
 
@@ -209,10 +226,16 @@ def _execute_remote(
             handle.evict(task.name, retry=True)
             cache.add_calls(handle, task.name, recorded)
     except OSError as exc:
-        if exc.errno in STORAGE_ERRNOS:  # the worker's disk failed, not the config
+        if is_write_fault(exc):  # the worker's disk failed, not the config
             return faulted(task, start_time, exc), Shipment("", None, [])
         setup_error = f"cannot prepare the config on this worker: {error_line(exc)}"
-    call = call_config(job, task, config_dir, log, remote.scratch, stats, setup_error)
+    if remote.marker is not None:
+        remote.marker.mark(task.name)
+    try:
+        call = call_config(job, task, config_dir, log, remote.scratch, stats, setup_error)
+    finally:
+        if remote.marker is not None:
+            remote.marker.mark("")
     if isinstance(call, OSError):
         return faulted(task, start_time, call), Shipment("", None, [])
     ok, result, error, trace = call

@@ -1,0 +1,540 @@
+"""Hardening: no double execution, nothing written outside output_dir, no sweep stuck for ever."""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import shutil
+import signal
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+import resweep
+from faults.conftest import (
+    assert_one_line_error,
+    child_env,
+    drop_file_permissions_override,
+    executions,
+    kill_group,
+    run_cli,
+    snapshot,
+    start_cli,
+    wait_for,
+)
+
+# Each execution holds an flock on a file of its config while it runs: a second execution
+# that finds it held overlaps the first in time, and says so in overlaps.txt.
+OVERLAP_PROBE = """
+import fcntl
+
+PROBES = os.path.join(HERE, "probes")
+os.makedirs(PROBES, exist_ok=True)
+
+
+def probe(name):
+    fd = os.open(os.path.join(PROBES, name), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with open(os.path.join(HERE, "overlaps.txt"), "a") as out:
+            out.write(f"{name} {os.getpid()}\\n")
+    return fd  # kept open by the caller: the lock lasts as long as the execution
+"""
+
+
+def read_state(script: Path) -> dict[str, dict[str, object]]:
+    configs: dict[str, dict[str, object]] = yaml.safe_load(
+        (script.parent / "out" / "experiment.yaml").read_text(encoding="utf-8")
+    )["configs"]
+    return configs
+
+
+def overlaps(script: Path) -> list[str]:
+    path = script.parent / "overlaps.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+# -- 1. an orphaned worker never overlaps the resumed run ---------------------------------
+
+
+@pytest.fixture
+def slow_script(fault_script: Callable[[str], Path]) -> Path:
+    return fault_script(
+        OVERLAP_PROBE
+        + """
+
+def work(config):
+    fd = probe(f"i={config['i']}")
+    record_execution(f"i={config['i']}")
+    time.sleep(config["sleep_s"])
+    os.close(fd)
+    return {"i": config["i"]}
+
+
+experiment = resweep.Experiment(
+    function=work,
+    configs=[{"i": i, "sleep_s": 2.0} for i in range(3)],
+    output_dir=OUT,
+)
+"""
+    )
+
+
+def test_a_run_started_right_after_a_sigkill_never_overlaps_the_orphaned_worker(
+    slow_script: Path,
+) -> None:
+    """SIGKILL the coordinator alone mid-config, start again at once: no execution overlaps."""
+    kills = 0
+    for round_ in range(3):
+        before = len(executions(slow_script))
+        proc = start_cli(slow_script, "run", "--max-workers", "1", "--noprogress", log=f"r{round_}")
+        wait_for(lambda n=before: len(executions(slow_script)) > n, what="a config to start")
+        os.kill(proc.pid, signal.SIGKILL)  # the coordinator alone: its worker is orphaned
+        proc.wait(timeout=30)
+        kills += 1
+    final = run_cli(slow_script, "run", "--max-workers", "1", "--noprogress", timeout=120)
+    assert final.returncode == 0, final.stderr
+    assert kills == 3
+    assert overlaps(slow_script) == []
+    assert {r["status"] for r in read_state(slow_script).values()} == {"done"}
+
+
+# -- 2. --break-lock never takes over a live runner ----------------------------------------
+
+
+def test_break_lock_refuses_a_live_runner_whose_run_json_is_gone(
+    fault_script: Callable[[str], Path],
+) -> None:
+    """A lock held by a living process on this host is never broken, run.json or not."""
+    script = fault_script(
+        """
+HOLD = os.path.join(HERE, "hold")
+
+
+def work(config):
+    record_execution(f"i={config['i']}")
+    while os.path.exists(HOLD):
+        time.sleep(0.02)
+    return {"i": config["i"]}
+
+
+experiment = resweep.Experiment(
+    function=work, configs=[{"i": i} for i in range(6)], output_dir=OUT
+)
+"""
+    )
+    (script.parent / "hold").touch()
+    first = start_cli(script, "run", "--max-workers", "2", "--noprogress")
+    try:
+        wait_for(lambda: len(executions(script)) >= 1, what="runner A to start a config")
+        (script.parent / "out" / "run.json").unlink()
+        second = run_cli(script, "run", "--break-lock", "--noprogress")
+        assert_one_line_error(second, "alive on this host")
+        (script.parent / "hold").unlink()
+        assert first.wait(timeout=60) == 0
+    finally:
+        if first.poll() is None:
+            kill_group(first)
+    assert sorted(executions(script)) == [f"i={i}" for i in range(6)]
+
+
+# -- 3 and 4. nothing is written outside output_dir ----------------------------------------
+
+
+def test_a_hostile_name_in_the_state_file_is_refused(
+    fault_script: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """A name from experiment.yaml that leads out of output_dir: exit 2, nothing written."""
+    script = fault_script(
+        """
+experiment = resweep.Experiment(function=lambda c: {"ok": 1}, configs=None, output_dir=OUT)
+"""
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "experiment.yaml").write_text(
+        'configs:\n  "../../escaped": {params: {i: 1}, status: todo, attempts: 0}\n'
+    )
+    before = snapshot(tmp_path)
+    for command in (["run", "--noprogress"], ["run", "--noprogress", "--backend", "dask"]):
+        assert_one_line_error(run_cli(script, *command), "'../../escaped'")
+    assert snapshot(tmp_path) == before
+    assert not (tmp_path.parent / "escaped").exists()
+
+
+@pytest.fixture
+def printing_script(fault_script: Callable[[str], Path]) -> Path:
+    return fault_script(
+        """
+@resweep.cached
+def ask(x):
+    return x * 2
+
+
+def work(config):
+    record_execution(f"i={config['i']}")
+    print("hello from", config["i"])
+    return {"answer": ask(config["i"])}
+
+
+experiment = resweep.Experiment(
+    function=work, configs=[{"i": i} for i in range(3)], output_dir=OUT
+)
+"""
+    )
+
+
+@pytest.mark.parametrize(
+    "link",
+    ["configs/i=1", "configs/i=1/log.txt", "cache", "cache.lock", ".lock", ".workers"],
+)
+def test_a_symlink_under_output_dir_is_never_written_through(
+    printing_script: Path, tmp_path: Path, link: str
+) -> None:
+    """A link planted where resweep writes: exit 2 in one line, its target untouched."""
+    out = tmp_path / "out"
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (out / "configs").mkdir(parents=True)
+    if link.endswith("log.txt"):
+        (out / "configs" / "i=1").mkdir()
+        (out / link).symlink_to(target / "log.txt")
+    elif link in ("cache.lock", ".lock"):
+        (out / link).symlink_to(target / "lockfile")
+    else:
+        (out / link).symlink_to(target, target_is_directory=True)
+    proc = run_cli(printing_script, "run", "--noprogress", "--max-workers", "2")
+    assert_one_line_error(proc, "symbolic link")
+    assert list(target.iterdir()) == []
+
+
+# -- 5. a problem of one config fails that config -------------------------------------------
+
+
+def test_a_name_too_long_in_bytes_is_refused_before_anything_runs(
+    fault_script: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """131 characters but 261 bytes: refused up front, not a run that can never finish."""
+    script = fault_script(
+        """
+experiment = resweep.Experiment(
+    function=lambda c: None,
+    configs=[{"i": 1}],
+    output_dir=OUT,
+    config_naming=lambda c: "é" * 130 + "x",
+)
+"""
+    )
+    proc = run_cli(script, "run", "--noprogress")
+    assert_one_line_error(proc, "255 bytes")
+    assert not (tmp_path / "out" / "experiment.yaml").exists()
+
+
+def test_a_result_with_a_lone_surrogate_fails_only_that_config(
+    fault_script: Callable[[str], Path],
+) -> None:
+    """A result that cannot be encoded is that config's failure; the others are done."""
+    script = fault_script(
+        """
+def work(config):
+    if config["i"] == 1:
+        return {"file": os.fsdecode(b"report-\\xff.txt")}
+    return {"file": "ok"}
+
+
+experiment = resweep.Experiment(
+    function=work, configs=[{"i": i} for i in range(3)], output_dir=OUT
+)
+"""
+    )
+    proc = run_cli(script, "run", "--noprogress")
+    assert proc.returncode == 1, proc.stderr
+    state = read_state(script)
+    assert state["i=1"]["status"] == "failed"
+    assert "not valid Unicode" in str(state["i=1"]["error"])
+    assert state["i=0"]["status"] == state["i=2"]["status"] == "done"
+
+
+# -- 6. the summary agrees with the state ---------------------------------------------------
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+def test_subclasses_of_int_and_str_are_stored_as_their_plain_values(tmp_path: Path) -> None:
+    """An IntEnum member reads 2 in the state, in summary.csv and in show, before and after."""
+
+    class Name(str):
+        pass
+
+    experiment = resweep.Experiment(
+        function=lambda c: {"level": Level.HIGH, "tag": Name("x")},
+        configs=[{"i": 1}],
+        output_dir=tmp_path / "out",
+    )
+    experiment.run(backend="threading", progress=False)
+    assert experiment.config_record("i=1")["result"] == {"level": 2, "tag": "x"}
+    first = (tmp_path / "out" / "summary.csv").read_text()
+    assert "Level" not in first and ",2," in first
+    experiment.save_summary(force=True)
+    assert (tmp_path / "out" / "summary.csv").read_text() == first
+
+
+# -- 7. one line and exit 2, with no changed byte -----------------------------------------
+
+
+@pytest.fixture
+def finished(fault_script: Callable[[str], Path]) -> Path:
+    """A finished experiment of 4 configs."""
+    script = fault_script(
+        """
+experiment = resweep.Experiment(
+    function=lambda c: {"v": c["i"] * 2}, configs=[{"i": i} for i in range(4)], output_dir=OUT
+)
+"""
+    )
+    proc = run_cli(script, "run", "--noprogress")
+    assert proc.returncode == 0, proc.stderr
+    return script
+
+
+@pytest.mark.parametrize("which", ["experiment.yaml", "journal.jsonl"])
+def test_a_state_file_that_is_a_directory_is_one_line(finished: Path, which: str) -> None:
+    """experiment.yaml or the journal made a directory: every command says so in one line."""
+    out = finished.parent / "out"
+    path = out / which
+    if path.exists():
+        path.unlink()
+    path.mkdir()
+    for command in (["status"], ["run", "--noprogress"], ["force_summary"]):
+        assert_one_line_error(run_cli(finished, *command), which)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '[9, "i=0", "x"]',
+        '[9, "i=0", {"status": "finished"}]',
+        '[9, ["i=0"], {"status": "done"}]',
+        '["9", "i=0", {"status": "done"}]',
+    ],
+)
+def test_a_journal_line_of_the_wrong_shape_is_one_line(finished: Path, line: str) -> None:
+    """Valid JSON that is no journal entry: exit 2 naming the journal, the state untouched."""
+    out = finished.parent / "out"
+    (out / "journal.jsonl").write_text(line + "\n" + '[10, "i=0", {"status": "todo"}]\n')
+    state = (out / "experiment.yaml").read_bytes()
+    for command in (["status"], ["run", "--noprogress"], ["force_summary"]):
+        assert_one_line_error(run_cli(finished, *command), "journal.jsonl line 1")
+    assert (out / "experiment.yaml").read_bytes() == state
+
+
+def test_unquoted_timestamps_in_a_hand_edited_state_load(finished: Path) -> None:
+    """A date is valid YAML: a hand edit that writes one unquoted is read as text."""
+    out = finished.parent / "out"
+    state = yaml.safe_load((out / "experiment.yaml").read_text())
+    state["configs"]["i=0"]["status"] = "todo"
+    text = yaml.safe_dump(state).replace(
+        "start_time: '", "start_time: "
+    )  # the times lose their quotes, as a person editing would leave them
+    text = "\n".join(
+        line.rstrip("'") if "start_time: " in line else line for line in text.splitlines()
+    )
+    (out / "experiment.yaml").write_text(text + "\n")
+    assert "start_time: 20" in (out / "experiment.yaml").read_text()
+    proc = run_cli(finished, "run", "--noprogress")
+    assert proc.returncode == 0, proc.stderr
+    assert {r["status"] for r in read_state(finished).values()} == {"done"}
+
+
+def test_an_unreadable_directory_left_running_is_one_line(
+    fault_script: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """A config directory the run cannot read: exit 2 naming it, not a traceback."""
+    script = fault_script(
+        """
+experiment = resweep.Experiment(
+    function=lambda c: {"v": 1}, configs=[{"i": i} for i in range(2)], output_dir=OUT
+)
+"""
+    )
+    assert run_cli(script, "run", "--noprogress").returncode == 0
+    out = tmp_path / "out"
+    text = (out / "experiment.yaml").read_text().replace('"status": "done"', '"status": "running"')
+    (out / "experiment.yaml").write_text(text)
+    config_dir = out / "configs" / "i=0"
+    config_dir.mkdir(exist_ok=True)
+    (config_dir / "result.yaml").write_text("# resweep: {}\n")
+    config_dir.chmod(0)
+    try:
+        proc = run_cli(script, "run", "--noprogress", preexec_fn=drop_file_permissions_override)
+        assert_one_line_error(proc, "i=0")
+    finally:
+        config_dir.chmod(stat.S_IRWXU)
+
+
+def test_output_dir_made_read_only_during_a_run_is_one_line(
+    fault_script: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """The final compaction cannot write: exit 2 in one line, and every finished config kept."""
+    script = fault_script(
+        """
+def work(config):
+    if config["i"] == 3:
+        os.chmod(OUT, 0o555)
+    return {"i": config["i"]}
+
+
+experiment = resweep.Experiment(
+    function=work, configs=[{"i": i} for i in range(4)], output_dir=OUT
+)
+"""
+    )
+    out = tmp_path / "out"
+    try:
+        proc = run_cli(
+            script, "run", "--noprogress", "--backend", "sequential",
+            preexec_fn=drop_file_permissions_override,
+        )  # fmt: skip
+        assert_one_line_error(proc, "Permission denied")
+    finally:
+        out.chmod(stat.S_IRWXU)
+    again = run_cli(script, "run", "--noprogress")
+    assert again.returncode == 0, again.stderr
+    assert {r["status"] for r in read_state(script).values()} == {"done"}
+
+
+# -- 8. states that recover ------------------------------------------------------------------
+
+
+def test_a_journal_cut_to_nothing_during_a_run_recovers(
+    fault_script: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """The journal emptied mid-run, then a SIGKILL: later commands read what is left and go on."""
+    script = fault_script(
+        """
+def work(config):
+    record_execution(f"i={config['i']}")
+    time.sleep(0.05)
+    return {"i": config["i"]}
+
+
+experiment = resweep.Experiment(
+    function=work, configs=[{"i": i} for i in range(40)], output_dir=OUT
+)
+"""
+    )
+    out = tmp_path / "out"
+    proc = start_cli(script, "run", "--noprogress")
+    try:
+        wait_for(lambda: len(executions(script)) >= 5, what="five configs")
+        os.truncate(out / "journal.jsonl", 0)
+        wait_for(lambda: len(executions(script)) >= 15, what="ten more configs")
+    finally:
+        kill_group(proc)
+    status = run_cli(script, "status")
+    assert status.returncode == 0, status.stderr
+    assert "Traceback" not in status.stderr
+    final = run_cli(script, "run", "--noprogress")
+    assert final.returncode == 0, final.stderr
+    assert {r["status"] for r in read_state(script).values()} == {"done"}
+    assert run_cli(script, "status").returncode == 0
+
+
+def test_a_cache_that_is_not_a_database_stops_the_run_leaving_configs_todo(
+    printing_script: Path, tmp_path: Path
+) -> None:
+    """A broken cache.db is a storage problem: exit 2 before anything is written or run."""
+    out = tmp_path / "out"
+    assert run_cli(printing_script, "run", "--noprogress").returncode == 0
+    text = (out / "experiment.yaml").read_text().replace('"status": "done"', '"status": "todo"')
+    (out / "experiment.yaml").write_text(text)
+    state = (out / "experiment.yaml").read_bytes()
+    shutil.rmtree(out / "cache")
+    (out / "cache").mkdir()
+    (out / "cache" / "cache.db").write_bytes(b"this is not a database" * 100)
+    assert len(executions(printing_script)) == 3
+    proc = run_cli(printing_script, "run", "--noprogress")
+    assert_one_line_error(proc, "cache")
+    assert (out / "experiment.yaml").read_bytes() == state
+    assert len(executions(printing_script)) == 3
+
+
+# -- 9. stale or stuck results --------------------------------------------------------------
+
+
+def test_clean_index_keeps_the_summary_to_the_current_configs(tmp_path: Path) -> None:
+    """After clean_index drops configs, summary.csv holds only those that remain."""
+    out = tmp_path / "out"
+    first = resweep.Experiment(
+        function=lambda c: {"v": 1}, configs=[{"i": i} for i in range(6)], output_dir=out
+    )
+    first.run(backend="threading", progress=False)
+    fewer = resweep.Experiment(
+        function=lambda c: {"v": 1}, configs=[{"i": i} for i in range(4)], output_dir=out
+    )
+    assert sorted(fewer.clean_index()) == ["i=4", "i=5"]
+    assert len(resweep.load_summary(out)) == 4
+    fewer.run(backend="threading", progress=False)
+    assert sorted(resweep.load_summary(out)["name"]) == [f"i={i}" for i in range(4)]
+
+
+def test_configs_gone_from_the_script_are_named_when_they_keep_a_run_unfinished(
+    fault_script: Callable[[str], Path],
+) -> None:
+    """Todo configs the script no longer has: run names them and points at clean_index."""
+    script = fault_script(
+        """
+N = int(os.environ.get("N", "3"))
+experiment = resweep.Experiment(
+    function=lambda c: {"v": 1}, configs=[{"i": i} for i in range(N)], output_dir=OUT
+)
+"""
+    )
+    out = script.parent / "out"
+    first = run_cli(script, "run", "--noprogress", "--backend", "threading", env=child_env(N="3"))
+    assert first.returncode == 0
+    text = (
+        (out / "experiment.yaml")
+        .read_text()
+        .replace(
+            '"i=2": {"params": {"i": 2}, "status": "done"',
+            '"i=2": {"params": {"i": 2}, "status": "todo"',
+        )
+    )
+    (out / "experiment.yaml").write_text(text)
+    proc = run_cli(script, "run", "--noprogress", env=child_env(N="2"))
+    assert proc.returncode == 1
+    assert "1 configs in the state are no longer in the script" in proc.stdout
+    assert "i=2" in proc.stdout and "clean_index" in proc.stdout
+
+
+def test_a_journal_gap_is_applied_and_said_once(finished: Path) -> None:
+    """Entries after a gap in the journal are applied, with one warning line."""
+    out = finished.parent / "out"
+    state = yaml.safe_load((out / "experiment.yaml").read_text())
+    seq = state["journal_seq"]
+    (out / "journal.jsonl").write_text(json.dumps([seq + 5, "i=1", {"status": "todo"}]) + "\n")
+    proc = run_cli(finished, "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["counts"]["todo"] == 1
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("warning:")
+
+
+def test_nothing_is_written_outside_output_dir_by_a_whole_sweep(
+    printing_script: Path, tmp_path: Path
+) -> None:
+    """A plain sweep touches nothing beside its output_dir and its script's own files."""
+    shutil.rmtree(tmp_path / "out", ignore_errors=True)
+    before = {k for k in snapshot(tmp_path) if not k.startswith("out")}
+    assert run_cli(printing_script, "run", "--noprogress", "--max-workers", "2").returncode == 0
+    after = {k for k in snapshot(tmp_path) if not k.startswith("out")}
+    # The script's own record of executions is the only file beside out/.
+    assert {k for k in after - before if not k.startswith("__pycache__")} == {"executions.txt"}
