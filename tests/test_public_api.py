@@ -14,9 +14,9 @@ def test_all_is_the_sorted_list_of_public_names() -> None:
     """__all__ is sorted and names exactly the public, non-module attributes of resweep."""
     public = {
         name
-        for name, value in vars(resweep).items()
+        for name in dir(resweep)
         if not name.startswith("_")
-        and not isinstance(value, types.ModuleType | __future__._Feature)
+        and not isinstance(getattr(resweep, name), types.ModuleType | __future__._Feature)
     }
     assert resweep.__all__ == sorted(resweep.__all__)
     assert set(resweep.__all__) == public | {"__version__"}

@@ -12,9 +12,7 @@ from typing import TYPE_CHECKING, Any
 from resweep import identity, provenance
 from resweep.errors import ConfigError, ResweepError
 from resweep.options import Backend, RunOptions
-from resweep.runner import RunReport
 from resweep.state import ConfigRecord, State
-from resweep.status import StatusReport
 from resweep.store import Store
 from resweep.worker import WorkerSetup
 
@@ -23,6 +21,8 @@ if TYPE_CHECKING:
 
     from resweep.planning import Plan
     from resweep.replay import Replay
+    from resweep.runner import RunReport
+    from resweep.status import StatusReport
 
 
 @dataclass(kw_only=True)

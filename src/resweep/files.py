@@ -33,13 +33,17 @@ WORKERS_DIR = ".workers"
 MARKER_BYTES = 1024
 
 
+# Names that are no directory of their own ("/", os.sep on every POSIX system, is checked apart).
+_NOT_NAMES = frozenset({"", ".", ".."})
+
+
 def config_path(root: str | os.PathLike[str], name: str) -> str:
     """configs/<name> under root, as a string: most configs never need a Path of it.
 
     Names are checked before anything runs (identity.check_name); this refuses, once more, any
     name that would lead out of configs/.
     """
-    if "/" in name or name in ("", ".", "..") or "\0" in name or os.sep in name:
+    if "/" in name or name in _NOT_NAMES or "\0" in name:
         raise ConfigError(f"config name {name!r} would lead out of {CONFIGS_DIR}/; rename it")
     return f"{os.fspath(root)}{os.sep}{CONFIGS_DIR}{os.sep}{name}"
 
@@ -125,8 +129,16 @@ def write_result(config_dir: str | os.PathLike[str], stored: StoredResult) -> No
     line's length in bytes, so a file cut short by a crash reads as no result at all.
     """
     data = encode_flow(stored.result).encode("utf-8")
-    meta = {key: getattr(stored, key) for key in _META_KEYS}
-    meta[RESULT_BYTES_KEY] = len(data)
+    meta = {
+        "attempt": stored.attempt,
+        "end_time": stored.end_time,
+        "duration_s": stored.duration_s,
+        "cache_hits": stored.cache_hits,
+        "cache_misses": stored.cache_misses,
+        "session": stored.session,
+        "fingerprint": stored.fingerprint,
+        RESULT_BYTES_KEY: len(data),
+    }
     head = f"{RESULT_META_PREFIX}{encode_line(meta)}\n".encode()
     path = os.path.join(config_dir, RESULT_FILE)
     fd = open_fd(path)
