@@ -13,6 +13,10 @@ _BARE_EXPONENT = re.compile(r'("(?:[^"\\]|\\.)*")|(?<![\w.])(-?\d+)([eE][-+]?\d+
 # a string that merely looks so costs the full pass, which leaves strings alone.
 _EXPONENT = re.compile(r"e[-+]\d")
 _SURROGATE_ESCAPE = re.compile(r"\\ud[89a-f]", re.IGNORECASE)
+# In JSON text: an escaped backslash, a surrogate pair's escape, or a lone surrogate's.
+_JSON_SURROGATES = re.compile(
+    r"(\\\\)|\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})|(\\ud[89a-f][0-9a-f]{2})"
+)
 
 
 def yaml_module() -> Any:
@@ -23,30 +27,37 @@ def yaml_module() -> Any:
     return yaml
 
 
-_loader: Any = None
+_loaders: dict[bool, Any] = {}
 
 
-def _text_times_loader() -> Any:
-    """PyYAML's safe loader that reads an unquoted date or time as the string it is.
-
-    A hand-edited start_time: 2024-05-01 10:00:00 is valid YAML, and resweep keeps times as text.
-    """
-    global _loader
-    if _loader is None:
+def _text_times_loader(*, pure: bool = False) -> Any:
+    """PyYAML's safe loader (libyaml's unless pure) that reads an unquoted date or time as the
+    string it is: a hand-edited start_time: 2024-05-01 10:00 is valid YAML, and resweep keeps
+    times as text."""
+    loader = _loaders.get(pure)
+    if loader is None:
         yaml = yaml_module()
-        base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        base = yaml.SafeLoader if pure else getattr(yaml, "CSafeLoader", yaml.SafeLoader)
         timestamp = "tag:yaml.org,2002:timestamp"
         resolvers = {
             first: [(tag, regexp) for tag, regexp in entries if tag != timestamp]
             for first, entries in base.yaml_implicit_resolvers.items()
         }
-        _loader = type("TextTimesLoader", (base,), {"yaml_implicit_resolvers": resolvers})
-    return _loader
+        loader = type("TextTimesLoader", (base,), {"yaml_implicit_resolvers": resolvers})
+        _loaders[pure] = loader
+    return loader
 
 
 def yaml_load(text: str) -> Any:
     """YAML as resweep reads it: the safe loader, dates and times kept as text."""
-    return yaml_module().load(text, Loader=_text_times_loader())
+    yaml = yaml_module()
+    try:
+        return yaml.load(text, Loader=_text_times_loader())
+    except yaml.YAMLError:
+        if not _SURROGATE_ESCAPE.search(text):
+            raise
+        # libyaml refuses an escaped lone surrogate, which PyYAML's own reader takes.
+        return yaml.load(text, Loader=_text_times_loader(pure=True))
 
 
 def yaml_error() -> type[Exception]:
@@ -120,20 +131,65 @@ def encode_flow(value: Any) -> str:
         if "e-" in text or "e+" in text:
             text = _fix_exponents(text)
     if "\\ud" in text and _SURROGATE_ESCAPE.search(text):
-        return _yaml_flow(value)  # YAML does not join JSON's surrogate pairs
+        # YAML reads JSON's escape of a character beyond U+FFFF as two lone surrogates.
+        joined = _join_surrogate_pairs(text)
+        if joined is None:
+            return _yaml_flow(value)  # a lone surrogate, which only YAML keeps apart
+        text = joined
     return text
+
+
+def _join_surrogate_pairs(text: str) -> str | None:
+    """JSON text with each escaped surrogate pair written as its character; None when an
+    escaped lone surrogate remains."""
+    lone = False
+
+    def join(match: re.Match[str]) -> str:
+        nonlocal lone
+        if match.group(2):
+            high, low = int(match.group(2), 16), int(match.group(3), 16)
+            return chr(0x10000 + (high - 0xD800) * 0x400 + (low - 0xDC00))
+        lone = lone or match.group(4) is not None
+        return match.group(0)
+
+    joined = _JSON_SURROGATES.sub(join, text)
+    return None if lone else joined
 
 
 def _yaml_flow(value: Any) -> str:
     yaml = yaml_module()
-    text: str = yaml.dump(
-        value,
-        Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper),
-        default_flow_style=True,
-        width=2**31 - 1,
-        allow_unicode=False,
-    )
-    return text.removesuffix("\n").removesuffix("\n...")
+
+    def dump(dumper: Any) -> str:
+        text: str = yaml.dump(
+            value,
+            Dumper=_quoting_dumper(dumper),
+            default_flow_style=True,
+            width=2**31 - 1,
+            allow_unicode=False,
+        )
+        return text.removesuffix("\n").removesuffix("\n...")
+
+    try:
+        return dump(getattr(yaml, "CSafeDumper", yaml.SafeDumper))
+    except UnicodeEncodeError:  # a lone surrogate, which only PyYAML's own writer escapes
+        return dump(yaml.SafeDumper)
+
+
+_QUOTING_DUMPERS: dict[type, type] = {}
+
+
+def _quoting_dumper(dumper: type) -> type:
+    """dumper, writing every string double-quoted: the one style that keeps a line break (which
+    it escapes) from breaking the line, as a single-quoted string would."""
+    quoting = _QUOTING_DUMPERS.get(dumper)
+    if quoting is None:
+        quoting = _QUOTING_DUMPERS[dumper] = type(f"Quoting{dumper.__name__}", (dumper,), {})
+
+        def represent(representer: Any, text: str) -> Any:
+            return representer.represent_scalar("tag:yaml.org,2002:str", text, style='"')
+
+        quoting.add_representer(str, represent)  # type: ignore[attr-defined]
+    return quoting
 
 
 def encode_line(value: Any) -> str:

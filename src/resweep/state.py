@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
-from resweep.encoding import decode_flow, encode_flow, yaml_error, yaml_load
+from resweep.encoding import encode_flow, yaml_error, yaml_load
 from resweep.errors import StateError, UnknownConfigError
 
 # Bumped whenever the state file changes shape; older versions stay readable.
@@ -46,6 +46,8 @@ _HEADER = (
 # The last line of a state file: what follows it, or its absence, shows a damaged end.
 _TRAILER = "# end of state: "
 _TRAILER_LINE = re.compile(r"# end of state: \d+ configs\n")
+# The JSON floats that YAML 1.1 reads as floats too: a dot, and a sign in the exponent.
+_YAML_FLOAT = re.compile(r"-?\d+\.\d*(?:[eE][-+]\d+)?\Z")
 
 
 @dataclass
@@ -120,6 +122,30 @@ def _without_trailer(text: str) -> tuple[str, bool]:
     return text[: at + 1], True
 
 
+def _yaml_float(text: str) -> float:
+    if not _YAML_FLOAT.match(text):
+        raise ValueError(f"YAML 1.1 reads {text} as a string")
+    return float(text)
+
+
+def _yaml_constant(text: str) -> float:
+    raise ValueError(f"YAML reads {text} as a string")
+
+
+# json.loads, refusing the numbers YAML 1.1 reads as strings (1e5, 1.5e5, NaN, Infinity).
+_decode_json_as_yaml = json.JSONDecoder(
+    parse_float=_yaml_float, parse_constant=_yaml_constant
+).decode
+
+
+def _decode_value(text: str) -> Any:
+    """A top-level value as YAML reads it; fast when it is JSON, as dump_state writes it."""
+    try:
+        return _decode_json_as_yaml(text)
+    except ValueError:
+        return yaml_load(text)
+
+
 def _parse_config_lines(body: str) -> dict[str, Any] | None:
     """The config lines exactly as dump_state writes them, in one json.loads; else None."""
     body = body.removesuffix("\n")
@@ -148,7 +174,7 @@ def _parse_fast(text: str) -> dict[str, Any] | None:
         key, colon, value = line.partition(": ")
         if not colon or not key.isidentifier():
             return None
-        data[key] = decode_flow(value)
+        data[key] = _decode_value(value)  # a YAML tool may have written 1e5 for the string
     configs = _parse_config_lines(body)
     if configs is not None:
         data["configs"] = configs
