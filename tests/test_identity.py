@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import os
 import subprocess
 import sys
@@ -83,6 +84,25 @@ def test_adding_a_field_with_a_default_keeps_identity() -> None:
         identity.canonical(new)
     )
     assert identity.canonical(After("a", 0.1, dropout=0.5)) != identity.canonical(old)
+
+
+def test_nan_and_signed_zero_defaults_compare_as_canonical_data() -> None:
+    """A field at a NaN default is left out like any other; -0.0 is not the default 0.0."""
+
+    @dataclass(frozen=True)
+    class Before:
+        lr: float
+
+    @dataclass(frozen=True)
+    class After:
+        lr: float
+        threshold: float = math.nan
+        shift: float = 0.0
+
+    assert identity.canonical(After(0.1)) == identity.canonical(Before(0.1)) == {"lr": 0.1}
+    assert identity.canonical(After(0.1, threshold=float("nan"))) == {"lr": 0.1}
+    assert identity.canonical(After(0.1, shift=-0.0)) == {"lr": 0.1, "shift": -0.0}
+    assert len(identity.name_configs([After(0.1), After(0.1, shift=-0.0)])) == 2
 
 
 def test_int_and_float_same_where_the_field_is_float() -> None:

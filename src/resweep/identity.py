@@ -7,6 +7,7 @@ import enum
 import hashlib
 import io
 import json
+import math
 import pickle
 import re
 import types
@@ -77,10 +78,16 @@ def _fields_of(cls: type) -> tuple[_FieldInfo, ...]:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equality that keeps 1, 1.0 and True apart, as the canonical form does."""
-    if type(a) is not type(b):
+    """Equality of canonical values as their canonical text has it: 1, 1.0 and True differ,
+    NaN equals NaN and -0.0 differs from 0.0."""
+    cls = type(a)
+    if cls is not type(b):
         return False
-    if isinstance(a, dict | list):
+    if cls is float:
+        if a == b:
+            return bool(a != 0 or math.copysign(1.0, a) == math.copysign(1.0, b))
+        return bool(a != a and b != b)
+    if cls is dict or cls is list:
         return _dumps(a) == _dumps(b)
     return bool(a == b)
 
@@ -314,7 +321,8 @@ def name_configs(
 
 
 # Bump when the canonical form or the default names change: older digests then match nothing.
-NAMING_VERSION = 1
+# 2: a field at a NaN default is left out like any other; -0.0 is no longer the default 0.0.
+NAMING_VERSION = 2
 
 
 class _ClassRecorder(pickle.Pickler):
