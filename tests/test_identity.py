@@ -174,6 +174,12 @@ def test_enum_and_nested_dataclass_values_are_plain_data() -> None:
     assert identity.canonical({"o": Outer(0.5)}) == {"o": {"lr": 0.5}}
 
 
+def test_an_int_too_large_for_a_float_field_is_a_config_error() -> None:
+    """An int beyond any float, given to a float field, is a ConfigError naming the field."""
+    with pytest.raises(ConfigError, match=r"config #0: lr: .* too large for a float field"):
+        identity.name_configs([Config("a", 10**400)])
+
+
 @pytest.mark.parametrize("bad", [{1: "a"}, {"x": {2: "b"}}, {"x": object()}, {"x": {1, 2}}])
 def test_unusable_config_values_are_rejected(bad: dict[Any, Any]) -> None:
     """Non-string keys and values that are not YAML-safe are a ConfigError."""

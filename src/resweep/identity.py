@@ -99,7 +99,7 @@ def _canon_pair(value: Any, kind: type | None, where: str) -> tuple[Any, Any]:
     if cls is str or cls is float or cls is bool or value is None:
         return value, value
     if cls is int:
-        number = float(value) if kind is float else value
+        number = _as_float(value, where) if kind is float else value
         return number, number
     if cls is dict:
         return _canon_mapping_pair(value, where)
@@ -109,7 +109,7 @@ def _canon_pair(value: Any, kind: type | None, where: str) -> tuple[Any, Any]:
     if isinstance(value, str):  # a StrEnum member stays as it is: it dumps as its value
         return value, value
     if isinstance(value, int):  # IntEnum members and other subclasses of int
-        number = float(value) if kind is float else int(value)
+        number = _as_float(value, where) if kind is float else int(value)
         return number, number
     if isinstance(value, float):
         number = float(value)
@@ -129,6 +129,16 @@ def _canon_pair(value: Any, kind: type | None, where: str) -> tuple[Any, Any]:
         f"{where}: {type(value).__name__} is not YAML-safe; use str, int, float, bool, None, "
         "lists, dicts or nested dataclasses"
     )
+
+
+def _as_float(value: int, where: str) -> float:
+    """An int given to a field declared float, as that float."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ConfigError(
+            f"{where}: an int of {value.bit_length()} bits is too large for a float field"
+        ) from None
 
 
 def _canon_mapping_pair(value: Mapping[Any, Any], where: str) -> tuple[Params, Params]:
