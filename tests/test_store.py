@@ -240,6 +240,21 @@ def test_hand_edit_in_block_style_is_read(tmp_path: Path) -> None:
     assert state.configs == {"one": {"params": {"x": 1}, "status": "failed", "attempts": 2}}
 
 
+def test_a_lone_surrogate_is_stored_and_read_back(tmp_path: Path) -> None:
+    """A lone surrogate (a file name that os.listdir could not decode) survives the state file,
+    as resweep writes it and as a YAML tool rewrites it."""
+    path = "/data/caf\udce9.csv"
+    state = State(
+        name="\ud800", configs={"c": {"params": {"path": path}, "status": "todo", "attempts": 0}}
+    )
+    assert store.decode_flow(store.encode_flow(path)) == path
+    text = store.dump_state(state)
+    for written in (text, yaml.safe_dump(yaml.safe_load(text))):
+        parsed = store.parse_state(written, tmp_path / "experiment.yaml")
+        assert (parsed.name, parsed.configs) == (state.name, state.configs)
+    assert yaml.safe_load(text)["configs"] == state.configs
+
+
 def test_missing_state_says_no_experiment_yet(tmp_path: Path) -> None:
     """Reading a directory without a state file says there is no experiment yet."""
     with pytest.raises(StateError, match="no experiment"):

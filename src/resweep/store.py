@@ -67,7 +67,13 @@ def _yaml() -> Any:
 
 def _yaml_load(text: str) -> Any:
     yaml = _yaml()
-    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    try:
+        return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError:
+        if not _SURROGATE_ESCAPE.search(text):
+            raise
+        # libyaml refuses an escaped lone surrogate, which PyYAML's own reader takes.
+        return yaml.load(text, Loader=yaml.SafeLoader)
 
 
 def _yaml_error() -> type[Exception]:
@@ -169,14 +175,17 @@ def encode_flow(value: Any) -> str:
 
 def _yaml_flow(value: Any) -> str:
     yaml = _yaml()
-    text: str = yaml.dump(
-        value,
-        Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper),
-        default_flow_style=True,
-        width=2**31 - 1,
-        allow_unicode=False,
-    )
-    return text.removesuffix("\n").removesuffix("\n...")
+
+    def dump(dumper: Any) -> str:
+        text: str = yaml.dump(
+            value, Dumper=dumper, default_flow_style=True, width=2**31 - 1, allow_unicode=False
+        )
+        return text.removesuffix("\n").removesuffix("\n...")
+
+    try:
+        return dump(getattr(yaml, "CSafeDumper", yaml.SafeDumper))
+    except UnicodeEncodeError:  # a lone surrogate, which only PyYAML's own writer escapes
+        return dump(yaml.SafeDumper)
 
 
 def encode_line(value: Any) -> str:
