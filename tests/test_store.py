@@ -240,6 +240,17 @@ def test_hand_edit_in_block_style_is_read(tmp_path: Path) -> None:
     assert state.configs == {"one": {"params": {"x": 1}, "status": "failed", "attempts": 2}}
 
 
+@pytest.mark.parametrize("description", ["0E0", "1e5", "1.5e5", "NaN", "-Infinity"])
+def test_a_file_rewritten_as_yaml_keeps_strings_json_would_read_as_numbers(
+    tmp_path: Path, description: str
+) -> None:
+    """A string like 1e5, which a YAML tool writes unquoted, reads back as that string."""
+    text = store.dump_state(State(name="exp", description=description))
+    edited = yaml.safe_dump(yaml.safe_load(text), sort_keys=False)
+    assert f"description: {description}\n" in edited
+    assert store.parse_state(edited, tmp_path / "experiment.yaml").description == description
+
+
 def test_a_lone_surrogate_is_stored_and_read_back(tmp_path: Path) -> None:
     """A lone surrogate (a file name that os.listdir could not decode) survives the state file,
     as resweep writes it and as a YAML tool rewrites it."""

@@ -55,6 +55,8 @@ _BARE_EXPONENT = re.compile(r'("(?:[^"\\]|\\.)*")|(?<![\w.])(-?\d+)([eE][-+]?\d+
 # a string that merely looks so costs the full pass, which leaves strings alone.
 _EXPONENT = re.compile(r"e[-+]\d")
 _SURROGATE_ESCAPE = re.compile(r"\\ud[89a-f]", re.IGNORECASE)
+# The JSON floats that YAML 1.1 reads as floats too: a dot, and a sign in the exponent.
+_YAML_FLOAT = re.compile(r"-?\d+\.\d*(?:[eE][-+]\d+)?\Z")
 
 
 def _yaml() -> Any:
@@ -255,6 +257,30 @@ def _without_trailer(text: str) -> tuple[str, bool]:
     return text[: at + 1], True
 
 
+def _yaml_float(text: str) -> float:
+    if not _YAML_FLOAT.match(text):
+        raise ValueError(f"YAML 1.1 reads {text} as a string")
+    return float(text)
+
+
+def _yaml_constant(text: str) -> float:
+    raise ValueError(f"YAML reads {text} as a string")
+
+
+# json.loads, refusing the numbers YAML 1.1 reads as strings (1e5, 1.5e5, NaN, Infinity).
+_decode_json_as_yaml = json.JSONDecoder(
+    parse_float=_yaml_float, parse_constant=_yaml_constant
+).decode
+
+
+def _decode_value(text: str) -> Any:
+    """A top-level value as YAML reads it; fast when it is JSON, as dump_state writes it."""
+    try:
+        return _decode_json_as_yaml(text)
+    except ValueError:
+        return _yaml_load(text)
+
+
 def _parse_config_lines(body: str) -> dict[str, Any] | None:
     """The config lines exactly as dump_state writes them, in one json.loads; else None."""
     body = body.removesuffix("\n")
@@ -283,7 +309,7 @@ def _parse_fast(text: str) -> dict[str, Any] | None:
         key, colon, value = line.partition(": ")
         if not colon or not key.isidentifier():
             return None
-        data[key] = decode_flow(value)
+        data[key] = _decode_value(value)  # a YAML tool may have written 1e5 for the string
     configs = _parse_config_lines(body)
     if configs is not None:
         data["configs"] = configs
