@@ -97,6 +97,14 @@ def test_flow_encoding_reads_back_the_same_with_json_and_yaml(value: Any) -> Non
     assert same(yaml.safe_load(text), value)
 
 
+@pytest.mark.parametrize("value", ["emoji 🎉", {"k🎉": ["\U0001d518", 1e-05]}, "\\ud83c 🎉"])
+def test_flow_encoding_of_characters_beyond_u_ffff_is_json_too(value: Any) -> None:
+    """An emoji is written as itself, not as an escape only YAML reads: json.loads reads it too."""
+    text = store.encode_flow(value)
+    assert json.loads(text) == value
+    assert yaml.safe_load(text) == value
+
+
 def _tricky_state() -> State:
     configs: dict[str, dict[str, Any]] = {}
     for i, value in enumerate(TRICKY_VALUES):

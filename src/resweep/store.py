@@ -55,6 +55,10 @@ _BARE_EXPONENT = re.compile(r'("(?:[^"\\]|\\.)*")|(?<![\w.])(-?\d+)([eE][-+]?\d+
 # a string that merely looks so costs the full pass, which leaves strings alone.
 _EXPONENT = re.compile(r"e[-+]\d")
 _SURROGATE_ESCAPE = re.compile(r"\\ud[89a-f]", re.IGNORECASE)
+# In JSON text: an escaped backslash, a surrogate pair's escape, or a lone surrogate's.
+_JSON_SURROGATES = re.compile(
+    r"(\\\\)|\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})|(\\ud[89a-f][0-9a-f]{2})"
+)
 # The JSON floats that YAML 1.1 reads as floats too: a dot, and a sign in the exponent.
 _YAML_FLOAT = re.compile(r"-?\d+\.\d*(?:[eE][-+]\d+)?\Z")
 
@@ -171,8 +175,29 @@ def encode_flow(value: Any) -> str:
         if "e-" in text or "e+" in text:
             text = _fix_exponents(text)
     if "\\ud" in text and _SURROGATE_ESCAPE.search(text):
-        return _yaml_flow(value)  # YAML does not join JSON's surrogate pairs
+        # YAML reads JSON's escape of a character beyond U+FFFF as two lone surrogates.
+        joined = _join_surrogate_pairs(text)
+        if joined is None:
+            return _yaml_flow(value)  # a lone surrogate, which only YAML keeps apart
+        text = joined
     return text
+
+
+def _join_surrogate_pairs(text: str) -> str | None:
+    """JSON text with each escaped surrogate pair written as its character; None when an
+    escaped lone surrogate remains."""
+    lone = False
+
+    def join(match: re.Match[str]) -> str:
+        nonlocal lone
+        if match.group(2):
+            high, low = int(match.group(2), 16), int(match.group(3), 16)
+            return chr(0x10000 + (high - 0xD800) * 0x400 + (low - 0xDC00))
+        lone = lone or match.group(4) is not None
+        return match.group(0)
+
+    joined = _JSON_SURROGATES.sub(join, text)
+    return None if lone else joined
 
 
 def _yaml_flow(value: Any) -> str:
