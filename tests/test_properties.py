@@ -1,18 +1,31 @@
-"""Properties on generated data: one canonical form of a config."""
+"""Properties on generated data: one canonical form of a config, and state and flow text that
+read back as what was written."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import enum
+import json
 import math
+import re
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resweep import identity
+from resweep.store import (
+    State,
+    decode_flow,
+    dump_state,
+    encode_flow,
+    encode_line,
+    parse_state,
+)
 
 SETTINGS = settings(max_examples=75, deadline=None)
 
@@ -27,7 +40,7 @@ class Color(enum.Enum):
 
 floats = st.floats() | st.sampled_from(SPECIAL_FLOATS)
 ints = st.integers() | st.sampled_from([0, 1, -1, 2**63, -(2**70)])
-# Any unicode but lone surrogates, which no config file can hold (the flow encoder's tests add them).
+# Any unicode but lone surrogates (the state and flow tests below add those).
 characters = st.characters(exclude_categories=["Cs"])
 texts = st.text(characters, max_size=12)
 keys = st.text(characters, max_size=6)
@@ -43,7 +56,7 @@ def same(a: Any, b: Any) -> bool:
             a == b and math.copysign(1, a) == math.copysign(1, b)
         )
     if isinstance(a, dict):
-        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, list | tuple):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b)
@@ -87,7 +100,6 @@ class ClassSpec(NamedTuple):
 
 
 field_names = st.sampled_from(["a", "b", "lr", "seed", "model", "depth", "x_1", "tags", "é"])
-
 
 _lists = st.lists(plain_data(scalars), max_size=3)
 # Values a user might give a field of each kind (an int where a float is declared too).
@@ -408,3 +420,183 @@ def test_default_names_are_equal_exactly_when_identities_are(first: Any, second:
     assert first_name == identity.default_name(identity.canonical(first))
     same_form = text_of(identity.canonical(first)) == text_of(identity.canonical(second))
     assert same_form == (first_name == second_name)
+
+
+# --- the state file ------------------------------------------------------------------------
+
+# Characters that YAML, JSON or a line-based reader treat specially, lone surrogates included.
+TRICKY_CHARACTERS = [
+    *'"\':#-{}[],&*!|>%@`?~= \t\n\r', "\x00", "\x7f", "\x85", "\xa0", "\u2028", "\ufeff",
+    "é", "日", "🎉", "\U0001d518", "\ud800", "\udbff", "\udc00", "\udce9",
+]  # fmt: skip
+# A high surrogate right before a low one is one character to every UTF-16 reader, JSON's too.
+_SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
+any_texts = st.text(
+    st.characters(exclude_categories=()) | st.sampled_from(TRICKY_CHARACTERS), max_size=10
+).filter(lambda s: not _SURROGATE_PAIR.search(s))
+# Strings that YAML 1.1 reads as something else when they are not quoted.
+look_alike_texts = st.sampled_from(
+    ["1", "1.0", "1e-05", "1e5", "0E0", ".nan", "NaN", "-Infinity", "-.inf", "0x10", "0o17",
+     "1_000", "true", "no", "on", "null", "~", "", " lead", "trail ", "- x", "a: b", "# c",
+     "2001-12-14", "12:30:00", "configs:", "# end of state: 3 configs", '"', "'", "\\", '\\"',
+     "e-5"]
+)  # fmt: skip
+flow_texts = any_texts | look_alike_texts
+flow_floats = st.floats() | st.sampled_from(
+    [*SPECIAL_FLOATS, 1.5e-07, 1e20, -2.5e-300, 0.1, 2.0**70, 1e22, 1e-7]
+)
+flow_leaves = st.none() | st.booleans() | ints | flow_floats | flow_texts
+flow_values = st.recursive(
+    flow_leaves,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(flow_texts, inner, max_size=3),
+    max_leaves=8,
+)
+records = st.fixed_dictionaries(
+    {
+        "params": st.dictionaries(flow_texts, flow_values, max_size=3),
+        "status": st.sampled_from(["todo", "running", "done", "failed"]),
+        "attempts": st.integers(0, 10**6),
+    },
+    optional={
+        "result": flow_values,
+        "error": st.none() | flow_texts,
+        "start_time": st.just("2024-01-01T00:00:00.000+00:00"),
+        "duration_s": flow_floats,
+        "interruptions": st.integers(0, 5),
+    },
+)
+states = st.builds(
+    State,
+    name=st.none() | flow_texts,
+    description=st.none() | flow_texts,
+    configs=st.dictionaries(flow_texts, records, max_size=4),
+    journal_seq=st.integers(0, 2**63),
+    sessions=st.dictionaries(
+        flow_texts, st.dictionaries(flow_texts, flow_values, max_size=3), max_size=2
+    ),
+)
+PATH = Path("experiment.yaml")
+
+
+def state_data(state: State) -> dict[str, object]:
+    """What a state file holds, as yaml.safe_load gives it."""
+    return {
+        "format_version": state.format_version,
+        "name": state.name,
+        "description": state.description,
+        "journal_seq": state.journal_seq,
+        "sessions": state.sessions,
+        "configs": state.configs,
+    }
+
+
+@settings(max_examples=150, deadline=None)
+@given(states)
+def test_a_dumped_state_reads_back_the_same_and_as_yaml_reads_it(state: State) -> None:
+    """dump_state's text reads back as the state through parse_state and through yaml.safe_load."""
+    text = dump_state(state)
+    assert text.count("\n") == 9 + len(state.configs)  # one line a config
+    assert same(state_data(parse_state(text, PATH)), state_data(state))
+    assert same(yaml.safe_load(text), state_data(state))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    states,
+    st.sampled_from([False, None, True]),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([20, 80, 2**31 - 1]),
+)
+def test_a_state_rewritten_by_a_yaml_tool_reads_as_yaml_reads_it(
+    state: State, flow_style: bool | None, unicode: bool, sort_keys: bool, width: int
+) -> None:
+    """The state rewritten in any layout yaml.safe_dump makes reads as yaml.safe_load reads it."""
+    edited = yaml.safe_dump(
+        yaml.safe_load(dump_state(state)),
+        default_flow_style=flow_style,
+        allow_unicode=unicode,
+        sort_keys=sort_keys,
+        width=width,
+    )
+    # Not always the state itself: PyYAML's writer garbles a few strings, such as "\x85".
+    assert same(state_data(parse_state(edited, PATH)), yaml.safe_load(edited))
+
+
+LINE_EDITS = ["keep", "unquote status", "comment after", "comment before", "blank", "delete"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(states, st.data())
+def test_a_state_edited_line_by_line_reads_as_yaml_reads_it(
+    state: State, data: st.DataObject
+) -> None:
+    """Config lines edited by hand (status unquoted, comments, gaps) read as YAML reads them."""
+    lines = []
+    for line in dump_state(state).split("\n"):
+        edit = data.draw(st.sampled_from(LINE_EDITS)) if line.startswith("  ") else "keep"
+        if edit == "unquote status":
+            line = re.sub(r'"status": "(\w+)"', r'"status": \1', line)
+        elif edit == "comment after":
+            line += "  # checked by hand"
+        elif edit == "comment before":
+            lines.append("  # the next line was checked by hand")
+        elif edit == "blank":
+            lines.append("")
+        if edit != "delete":
+            lines.append(line)
+    edited = "\n".join(lines)
+    loaded = yaml.safe_load(edited)
+    loaded["configs"] = loaded["configs"] or {}
+    assert same(state_data(parse_state(edited, PATH)), loaded)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.none() | flow_texts, flow_texts, st.sampled_from([False, None]), st.booleans())
+def test_a_name_and_description_rewritten_by_a_yaml_tool_read_as_yaml_reads_them(
+    name: str | None, description: str, flow_style: bool | None, unicode: bool
+) -> None:
+    """A name and description rewritten in block YAML read back as yaml.safe_load reads them."""
+    text = dump_state(State(name=name, description=description))
+    edited = yaml.safe_dump(
+        yaml.safe_load(text), default_flow_style=flow_style, allow_unicode=unicode, sort_keys=False
+    )
+    parsed, loaded = parse_state(edited, PATH), yaml.safe_load(edited)
+    assert same([parsed.name, parsed.description], [loaded["name"], loaded["description"]])
+
+
+# --- the flow encoder ----------------------------------------------------------------------
+
+
+def json_representable(value: object) -> bool:
+    """Whether value has no NaN, infinity or lone surrogate, which JSON cannot spell."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str):
+        return not re.search("[\ud800-\udfff]", value)
+    if isinstance(value, dict):
+        return all(map(json_representable, [*value, *value.values()]))
+    if isinstance(value, list):
+        return all(map(json_representable, value))
+    return True
+
+
+@settings(max_examples=300, deadline=None)
+@given(flow_values)
+def test_encode_flow_writes_one_line_that_json_and_yaml_read_back(value: object) -> None:
+    """encode_flow's line reads back via yaml.safe_load, decode_flow, and json.loads if JSON can."""
+    text = encode_flow(value)
+    assert text.splitlines() == [text]
+    assert same(yaml.safe_load(text), value)
+    assert same(decode_flow(text), value)
+    if json_representable(value):
+        assert same(json.loads(text), value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(flow_values)
+def test_encode_line_reads_back_through_decode_flow(value: object) -> None:
+    """encode_line's one line reads back as the value through decode_flow."""
+    text = encode_line(value)
+    assert text.splitlines() == [text]
+    assert same(decode_flow(text), value)
