@@ -377,6 +377,24 @@ def test_read_one_gives_the_same_record_as_a_full_read(tmp_path: Path) -> None:
     assert one.name == "big"
 
 
+def test_a_line_break_beside_a_nan_stays_on_one_line(tmp_path: Path) -> None:
+    """A result with a NaN and a multi-line string is one line in the journal and the state."""
+    target = Store(tmp_path)
+    target.ensure_dir()
+    state = State(configs={"a": {"params": {}, "status": "todo", "attempts": 0}})
+    target.save(state)
+    fields = {"status": "done", "result": {"loss": math.nan, "output": "first\nsecond"}}
+    recorder = store.Recorder(target, state)
+    recorder.update("a", fields)
+    recorder.write(sync=False)
+    assert target.journal_path.read_text(encoding="utf-8").count("\n") == 1
+    assert same(target.read().configs["a"]["result"], fields["result"])
+    recorder.compact()
+    assert store.dump_state(state).count("\n") == 9 + 1
+    assert same(target.read_one("a").configs["a"]["result"], fields["result"])
+    recorder.close()
+
+
 def test_a_state_cut_in_its_closing_line_is_refused(tmp_path: Path) -> None:
     """A file that ends part way through its closing line was cut short: a StateError."""
     target = store.Store(tmp_path)

@@ -205,7 +205,11 @@ def _yaml_flow(value: Any) -> str:
 
     def dump(dumper: Any) -> str:
         text: str = yaml.dump(
-            value, Dumper=dumper, default_flow_style=True, width=2**31 - 1, allow_unicode=False
+            value,
+            Dumper=_quoting_dumper(dumper),
+            default_flow_style=True,
+            width=2**31 - 1,
+            allow_unicode=False,
         )
         return text.removesuffix("\n").removesuffix("\n...")
 
@@ -213,6 +217,23 @@ def _yaml_flow(value: Any) -> str:
         return dump(getattr(yaml, "CSafeDumper", yaml.SafeDumper))
     except UnicodeEncodeError:  # a lone surrogate, which only PyYAML's own writer escapes
         return dump(yaml.SafeDumper)
+
+
+_QUOTING_DUMPERS: dict[type, type] = {}
+
+
+def _quoting_dumper(dumper: type) -> type:
+    """dumper, writing every string double-quoted: the one style that keeps a line break (which
+    it escapes) from breaking the line, as a single-quoted string would."""
+    quoting = _QUOTING_DUMPERS.get(dumper)
+    if quoting is None:
+        quoting = _QUOTING_DUMPERS[dumper] = type(f"Quoting{dumper.__name__}", (dumper,), {})
+
+        def represent(representer: Any, text: str) -> Any:
+            return representer.represent_scalar("tag:yaml.org,2002:str", text, style='"')
+
+        quoting.add_representer(str, represent)  # type: ignore[attr-defined]
+    return quoting
 
 
 def encode_line(value: Any) -> str:
