@@ -434,12 +434,12 @@ _SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
 any_texts = st.text(
     st.characters(exclude_categories=()) | st.sampled_from(TRICKY_CHARACTERS), max_size=10
 ).filter(lambda s: not _SURROGATE_PAIR.search(s))
-# Strings that YAML 1.1 reads as something else when they are not quoted.
+# Strings that YAML 1.1 reads as something else when they are not quoted, or over lines.
 look_alike_texts = st.sampled_from(
     ["1", "1.0", "1e-05", "1e5", "0E0", ".nan", "NaN", "-Infinity", "-.inf", "0x10", "0o17",
      "1_000", "true", "no", "on", "null", "~", "", " lead", "trail ", "- x", "a: b", "# c",
      "2001-12-14", "12:30:00", "configs:", "# end of state: 3 configs", '"', "'", "\\", '\\"',
-     "e-5"]
+     "e-5", "line\nbreak", "\n", "\r\n", "tab\there"]
 )  # fmt: skip
 flow_texts = any_texts | look_alike_texts
 flow_floats = st.floats() | st.sampled_from(
