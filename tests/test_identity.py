@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import os
 import subprocess
 import sys
@@ -85,6 +86,25 @@ def test_adding_a_field_with_a_default_keeps_identity() -> None:
     assert identity.canonical(After("a", 0.1, dropout=0.5)) != identity.canonical(old)
 
 
+def test_nan_and_signed_zero_defaults_compare_as_canonical_data() -> None:
+    """A field at a NaN default is left out like any other; -0.0 is not the default 0.0."""
+
+    @dataclass(frozen=True)
+    class Before:
+        lr: float
+
+    @dataclass(frozen=True)
+    class After:
+        lr: float
+        threshold: float = math.nan
+        shift: float = 0.0
+
+    assert identity.canonical(After(0.1)) == identity.canonical(Before(0.1)) == {"lr": 0.1}
+    assert identity.canonical(After(0.1, threshold=float("nan"))) == {"lr": 0.1}
+    assert identity.canonical(After(0.1, shift=-0.0)) == {"lr": 0.1, "shift": -0.0}
+    assert len(identity.name_configs([After(0.1), After(0.1, shift=-0.0)])) == 2
+
+
 def test_int_and_float_same_where_the_field_is_float() -> None:
     """1 and 1.0 are one config for a float field, two for an int field or an untyped value."""
     assert identity.canonical(Config("a", 1)) == identity.canonical(Config("a", 1.0))
@@ -152,6 +172,12 @@ def test_enum_and_nested_dataclass_values_are_plain_data() -> None:
     """Enums become their value and nested dataclasses become dicts."""
     assert identity.canonical({"c": Color.RED}) == {"c": "red"}
     assert identity.canonical({"o": Outer(0.5)}) == {"o": {"lr": 0.5}}
+
+
+def test_an_int_too_large_for_a_float_field_is_a_config_error() -> None:
+    """An int beyond any float, given to a float field, is a ConfigError naming the field."""
+    with pytest.raises(ConfigError, match=r"config #0: lr: .* too large for a float field"):
+        identity.name_configs([Config("a", 10**400)])
 
 
 @pytest.mark.parametrize("bad", [{1: "a"}, {"x": {2: "b"}}, {"x": object()}, {"x": {1, 2}}])

@@ -99,6 +99,14 @@ def test_flow_encoding_reads_back_the_same_with_json_and_yaml(value: Any) -> Non
     assert same(yaml.safe_load(text), value)
 
 
+@pytest.mark.parametrize("value", ["emoji 🎉", {"k🎉": ["\U0001d518", 1e-05]}, "\\ud83c 🎉"])
+def test_flow_encoding_of_characters_beyond_u_ffff_is_json_too(value: Any) -> None:
+    """An emoji is written as itself, not as an escape only YAML reads: json.loads reads it too."""
+    text = encoding.encode_flow(value)
+    assert json.loads(text) == value
+    assert yaml.safe_load(text) == value
+
+
 def _tricky_state() -> State:
     configs: dict[str, dict[str, Any]] = {}
     for i, value in enumerate(TRICKY_VALUES):
@@ -242,6 +250,32 @@ def test_hand_edit_in_block_style_is_read(tmp_path: Path) -> None:
     assert state.configs == {"one": {"params": {"x": 1}, "status": "failed", "attempts": 2}}
 
 
+@pytest.mark.parametrize("description", ["0E0", "1e5", "1.5e5", "NaN", "-Infinity"])
+def test_a_file_rewritten_as_yaml_keeps_strings_json_would_read_as_numbers(
+    tmp_path: Path, description: str
+) -> None:
+    """A string like 1e5, which a YAML tool writes unquoted, reads back as that string."""
+    text = statefile.dump_state(State(name="exp", description=description))
+    edited = yaml.safe_dump(yaml.safe_load(text), sort_keys=False)
+    assert f"description: {description}\n" in edited
+    assert statefile.parse_state(edited, tmp_path / "experiment.yaml").description == description
+
+
+def test_a_lone_surrogate_is_stored_and_read_back(tmp_path: Path) -> None:
+    """A lone surrogate (a file name that os.listdir could not decode) survives the state file,
+    as resweep writes it and as a YAML tool rewrites it."""
+    path = "/data/caf\udce9.csv"
+    state = State(
+        name="\ud800", configs={"c": {"params": {"path": path}, "status": "todo", "attempts": 0}}
+    )
+    assert encoding.decode_flow(encoding.encode_flow(path)) == path
+    text = statefile.dump_state(state)
+    for written in (text, yaml.safe_dump(yaml.safe_load(text))):
+        parsed = statefile.parse_state(written, tmp_path / "experiment.yaml")
+        assert (parsed.name, parsed.configs) == (state.name, state.configs)
+    assert yaml.safe_load(text)["configs"] == state.configs
+
+
 def test_missing_state_says_no_experiment_yet(tmp_path: Path) -> None:
     """Reading a directory without a state file says there is no experiment yet."""
     with pytest.raises(StateError, match="no experiment"):
@@ -346,6 +380,24 @@ def test_read_one_gives_the_same_record_as_a_full_read(tmp_path: Path) -> None:
     assert list(one.configs) == ["c321"]
     assert one.configs["c321"] == target.read().configs["c321"]
     assert one.name == "big"
+
+
+def test_a_line_break_beside_a_nan_stays_on_one_line(tmp_path: Path) -> None:
+    """A result with a NaN and a multi-line string is one line in the journal and the state."""
+    target = Store(tmp_path)
+    target.ensure_dir()
+    state = State(configs={"a": {"params": {}, "status": "todo", "attempts": 0}})
+    target.save(state)
+    fields = {"status": "done", "result": {"loss": math.nan, "output": "first\nsecond"}}
+    recorder = store.StateWriter(target, state)
+    recorder.update("a", fields)
+    recorder.write(sync=False)
+    assert target.journal_path.read_text(encoding="utf-8").count("\n") == 1
+    assert same(target.read().configs["a"]["result"], fields["result"])
+    recorder.compact()
+    assert statefile.dump_state(state).count("\n") == 9 + 1
+    assert same(target.read_one("a").configs["a"]["result"], fields["result"])
+    recorder.close()
 
 
 def test_a_state_cut_in_its_closing_line_is_refused(tmp_path: Path) -> None:

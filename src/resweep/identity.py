@@ -7,11 +7,12 @@ import enum
 import hashlib
 import io
 import json
+import math
 import pickle
 import re
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from resweep.errors import ConfigError
@@ -67,9 +68,9 @@ def _fields_of(cls: type) -> tuple[_FieldInfo, ...]:
     for f in dataclasses.fields(cls):
         kind = _numeric_kind(hints.get(f.name))
         if f.default is not _MISSING:
-            default = _canon_value(f.default, kind, f.name)
+            default = _canon_pair(f.default, kind, f.name)[0]
         elif f.default_factory is not _MISSING:
-            default = _canon_value(f.default_factory(), kind, f.name)
+            default = _canon_pair(f.default_factory(), kind, f.name)[0]
         else:
             default = _MISSING
         infos.append(_FieldInfo(f.name, kind, default))
@@ -79,92 +80,92 @@ def _fields_of(cls: type) -> tuple[_FieldInfo, ...]:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equality that keeps 1, 1.0 and True apart, as the canonical form does."""
-    if type(a) is not type(b):
+    """Equality of canonical values as their canonical text has it: 1, 1.0 and True differ,
+    NaN equals NaN and -0.0 differs from 0.0."""
+    cls = type(a)
+    if cls is not type(b):
         return False
-    if isinstance(a, dict | list):
-        return _dumps(a) == _dumps(b)
+    if cls is float:
+        if a == b:
+            return bool(a != 0 or math.copysign(1.0, a) == math.copysign(1.0, b))
+        return bool(a != a and b != b)
+    if cls is dict or cls is list:
+        return canonical_json(a) == canonical_json(b)
     return bool(a == b)
 
 
-def _canon_dataclass(obj: Any, keep_defaults: bool = False) -> Params:
-    out: Params = {}
-    for info in _fields_of(type(obj)):
-        value = _canon_value(getattr(obj, info.name), info.kind, info.name, keep_defaults)
-        if not keep_defaults and info.default is not _MISSING and _same(value, info.default):
-            continue  # adding a field with a default keeps every identity
-        out[info.name] = value
-    return dict(sorted(out.items()))
-
-
-def _canon_value(value: Any, kind: type | None, where: str, keep_defaults: bool = False) -> Any:
-    if value is None or isinstance(value, bool | str):
-        return value
-    if isinstance(value, int):
-        if kind is float:
-            return float(value)
-        return int(value)
+def _canon_pair(value: Any, kind: type | None, where: str) -> tuple[Any, Any]:
+    """The canonical form of a value without and with defaults, in one pass; shared where they
+    agree. kind is float or int when the declared type makes 1 and 1.0 differ."""
+    cls = type(value)
+    if cls is str or cls is float or cls is bool or value is None:
+        return value, value
+    if cls is int:
+        number = _as_float(value, where) if kind is float else value
+        return number, number
+    if cls is dict:
+        return _canon_mapping_pair(value, where)
+    if cls is list or cls is tuple:
+        return _canon_sequence_pair(value, where)
+    # Subclasses of the plain types, then every other kind of value a config may hold.
+    if isinstance(value, str):  # a StrEnum member stays as it is: it dumps as its value
+        return value, value
+    if isinstance(value, int):  # IntEnum members and other subclasses of int
+        number = _as_float(value, where) if kind is float else int(value)
+        return number, number
     if isinstance(value, float):
-        return float(value)
+        number = float(value)
+        return number, number
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _canon_dataclass(value, keep_defaults)
+        return _canon_dataclass_pair(value)
     if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ConfigError(
-                    f"{where}: key {k!r} is not a string; config keys must be strings"
-                )
-            out[k] = _canon_value(v, None, f"{where}.{k}", keep_defaults)
-        return dict(sorted(out.items()))
+        return _canon_mapping_pair(value, where)
     if isinstance(value, list | tuple):
-        return [_canon_value(v, None, f"{where}[{i}]", keep_defaults) for i, v in enumerate(value)]
+        return _canon_sequence_pair(value, where)
     if isinstance(value, enum.Enum):
-        return _canon_value(value.value, kind, where)
+        return _canon_pair(value.value, kind, where)
     item = getattr(value, "item", None)
     if type(value).__module__ == "numpy" and callable(item):
-        return _canon_value(item(), kind, where)
+        return _canon_pair(item(), kind, where)
     raise ConfigError(
         f"{where}: {type(value).__name__} is not YAML-safe; use str, int, float, bool, None, "
         "lists, dicts or nested dataclasses"
     )
 
 
-def _canon_pair(value: Any, kind: type | None, where: str) -> tuple[Any, Any]:
-    """_canon_value without and with keep_defaults, in one pass; shared where they agree."""
-    cls = type(value)
-    if cls is str or cls is float or cls is bool or value is None:
-        return value, value
-    if cls is int:
-        number = float(value) if kind is float else value
-        return number, number
-    if cls is not dict and dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _canon_dataclass_pair(value)
-    if cls is dict or isinstance(value, Mapping):
-        ident: Params = {}
-        full: Params = {}
-        shared = True
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ConfigError(
-                    f"{where}: key {k!r} is not a string; config keys must be strings"
-                )
-            cls = type(v)
-            if cls is str or cls is float or cls is int or cls is bool or v is None:
-                ident[k] = full[k] = v  # the common case, without building `where`
-                continue
-            ident[k], full[k] = _canon_pair(v, None, f"{where}.{k}")
-            shared = shared and ident[k] is full[k]
-        full = dict(sorted(full.items()))
-        return (full if shared else dict(sorted(ident.items()))), full
-    if isinstance(value, list | tuple):
-        pairs = [_canon_pair(v, None, f"{where}[{i}]") for i, v in enumerate(value)]
-        full_list = [f for _, f in pairs]
-        if all(i is f for i, f in pairs):
-            return full_list, full_list
-        return [i for i, _ in pairs], full_list
-    canon = _canon_value(value, kind, where)  # enums, numpy scalars, subclasses, errors
-    return canon, canon
+def _as_float(value: int, where: str) -> float:
+    """An int given to a field declared float, as that float."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ConfigError(
+            f"{where}: an int of {value.bit_length()} bits is too large for a float field"
+        ) from None
+
+
+def _canon_mapping_pair(value: Mapping[Any, Any], where: str) -> tuple[Params, Params]:
+    ident: Params = {}
+    full: Params = {}
+    shared = True
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"{where}: key {k!r} is not a string; config keys must be strings")
+        cls = type(v)
+        if cls is str or cls is float or cls is int or cls is bool or v is None:
+            ident[k] = full[k] = v  # the common case, without building `where`
+            continue
+        ident[k], full[k] = _canon_pair(v, None, f"{where}.{k}")
+        shared = shared and ident[k] is full[k]
+    full = dict(sorted(full.items()))
+    return (full if shared else dict(sorted(ident.items()))), full
+
+
+def _canon_sequence_pair(value: Sequence[Any], where: str) -> tuple[list[Any], list[Any]]:
+    pairs = [_canon_pair(v, None, f"{where}[{i}]") for i, v in enumerate(value)]
+    full = [f for _, f in pairs]
+    if all(i is f for i, f in pairs):
+        return full, full
+    return [i for i, _ in pairs], full
 
 
 def _canon_dataclass_pair(obj: Any) -> tuple[Params, Params]:
@@ -183,43 +184,31 @@ def canonical(config: Any, *, keep_defaults: bool = False) -> Params:
 
     With keep_defaults, every field is kept: the params a person reads in the state and summary.
     """
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return _canon_dataclass(config, keep_defaults)
-    if isinstance(config, Mapping):
-        return typing.cast(Params, _canon_value(config, None, "config", keep_defaults))
-    raise ConfigError(
-        f"a config is a {type(config).__name__}; configs must be dataclass instances or dicts"
-    )
+    ident, full = _canonical_pair(config)
+    return full if keep_defaults else ident
 
 
 def _canonical_pair(config: Any) -> tuple[Params, Params]:
     """canonical(config) and canonical(config, keep_defaults=True), in one pass."""
     if type(config) is dict:
-        return typing.cast(tuple[Params, Params], _canon_pair(config, None, "config"))
+        return _canon_mapping_pair(config, "config")
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         return _canon_dataclass_pair(config)
     if isinstance(config, Mapping):
-        return typing.cast(tuple[Params, Params], _canon_pair(config, None, "config"))
+        return _canon_mapping_pair(config, "config")
     raise ConfigError(
         f"a config is a {type(config).__name__}; configs must be dataclass instances or dicts"
     )
 
 
-def _dumps(value: Any) -> str:
+def canonical_json(value: Any) -> str:
+    """The canonical form as text: sorted keys, no spaces, ASCII; what a name's hash is of."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def config_hash(params: Params) -> str:
     """A 12-hex-digit digest of the canonical form, the same on every machine."""
-    return hashlib.sha256(_dumps(params).encode()).hexdigest()[:HASH_HEX_DIGITS]
-
-
-def _flatten(params: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
-    for key, value in params.items():
-        if isinstance(value, dict) and value:
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
+    return hashlib.sha256(canonical_json(params).encode()).hexdigest()[:HASH_HEX_DIGITS]
 
 
 def _token(value: Any) -> str | None:
@@ -265,7 +254,7 @@ def default_name(params: Params) -> str:
     """Readable key=value pairs when short and unambiguous, else a hash of the canonical form."""
     parts = []
     length = -1
-    for key, value in _flatten(params):
+    for key, value in flatten(params).items():
         token = _fast_token(value)
         if token is None:
             return config_hash(params)
@@ -349,7 +338,8 @@ def name_configs(
 
 
 # Bump when the canonical form or the default names change: older digests then match nothing.
-NAMING_VERSION = 1
+# 2: a field at a NaN default is left out like any other; -0.0 is no longer the default 0.0.
+NAMING_VERSION = 2
 
 
 class _ClassRecorder(pickle.Pickler):
