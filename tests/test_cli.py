@@ -187,3 +187,36 @@ def test_run_on_worker_processes_prints_nothing_but_its_counts(script: Path) -> 
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "done 5, failed 0, todo 0"
     assert done.stderr == ""
+
+
+@pytest.mark.parametrize("flag", ["-dryrun", "-x", "-f"])
+def test_a_one_dash_flag_is_refused_before_anything_runs(script: Path, flag: str) -> None:
+    """fire would read -f as --fresh and ignore -dryrun; resweep refuses both in one line."""
+    proc = run_script(script, "run", flag)
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, repr(flag), "two dashes")
+    assert not (script.parent / "out").exists()
+
+
+def test_a_dry_run_sees_configs_a_dead_run_left_running_as_the_run_will(script: Path) -> None:
+    """--dry-run settles configs left running as run would: done when their result made it."""
+    assert run_script(script, *RUN).returncode == 0
+    state_path = script.parent / "out" / "experiment.yaml"
+    state_path.write_text(state_path.read_text().replace('"status": "done"', '"status": "running"'))
+    dry = run_script(script, "run", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would run 0 configs" in dry.stdout and "would leave 5 done" in dry.stdout
+
+
+def test_resweeps_own_warnings_are_one_line(script: Path) -> None:
+    """A journal that lost entries is applied; the command says so in one warning line."""
+    assert run_script(script, *RUN).returncode == 0
+    out = script.parent / "out"
+    seq = yaml.safe_load((out / "experiment.yaml").read_text())["journal_seq"]
+    first = yaml.safe_load((out / "experiment.yaml").read_text())["configs"]
+    name = next(iter(first))
+    (out / "journal.jsonl").write_text(json.dumps([seq + 3, name, {"status": "todo"}]) + "\n")
+    status = run_script(script, "status")
+    assert status.returncode == 0
+    assert status.stderr.startswith("warning: ") and status.stderr.count("\n") == 1
+    assert "todo 1" in status.stdout

@@ -242,9 +242,9 @@ def test_the_canonical_form_is_sorted_plain_data_that_is_its_own_canonical_form(
         assert is_plain_sorted(form)
         assert same(identity.canonical(form, keep_defaults=keep_defaults), form)
         assert same(identity.canonical(copy.deepcopy(config), keep_defaults=keep_defaults), form)
-    [(name, (kept, params))] = identity.name_configs([config]).items()
-    assert kept is config
-    assert same(params, identity.canonical(config, keep_defaults=True))
+    [(name, named)] = identity.name_configs([config]).items()
+    assert named.config is config
+    assert same(named.params, identity.canonical(config, keep_defaults=True))
     assert name == identity.default_name(identity.canonical(config))
 
 

@@ -12,7 +12,7 @@ import warnings
 from collections import Counter
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-from resweep.errors import CacheMiss, ResweepError
+from resweep.errors import CacheMiss, ResweepError, ResweepWarning
 from resweep.options import Backend, RunOptions
 from resweep.pools.local import pool_released_at_end
 
@@ -207,6 +207,14 @@ class CLI:
         print(yaml.safe_dump(shown, sort_keys=False, allow_unicode=True, width=100).rstrip())
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_options(args: list[str]) -> None:
     """Reject an unknown --option before the command runs (fire would only notice after)."""
     if not args or not hasattr(CLI, args[0]) or args[0].startswith("_"):
@@ -215,6 +223,14 @@ def _check_options(args: list[str]) -> None:
     for arg in args[1:]:
         if arg == "--":
             return
+        if arg.startswith("-") and not arg.startswith("--") and arg not in ("-", "-h"):
+            if _is_number(arg):
+                continue
+            # fire would take -d for --dry-run and -f for --fresh, and ignore -dryrun: refuse.
+            raise ResweepError(
+                f"{args[0]} takes options with two dashes: {arg!r} is not one; "
+                f"did you mean --{arg.lstrip('-')}?"
+            )
         if not arg.startswith("--") or arg == "--help":
             continue
         key = arg[2:].split("=", 1)[0].replace("-", "_")
@@ -225,10 +241,16 @@ def _check_options(args: list[str]) -> None:
         raise ResweepError(f"{args[0]} has no option --{key.replace('_', '-')}{hint}")
 
 
+_format_warning = warnings.formatwarning
+
+
 def _one_line_warning(
     message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any
 ) -> str:
-    return f"warning: {message}\n"
+    """resweep's own warnings as one line, like its errors; any other warning as Python says it."""
+    if issubclass(category, ResweepWarning):
+        return f"warning: {message}\n"
+    return _format_warning(message, category, *args, **kwargs)
 
 
 def main(experiment: Commands, argv: list[str] | None = None) -> None:
@@ -236,7 +258,7 @@ def main(experiment: Commands, argv: list[str] | None = None) -> None:
     import fire
 
     raw = sys.argv[1:] if argv is None else argv
-    # A warning is one line on a terminal, like an error: no source line, no module path.
+    # resweep's own warnings are one line on a terminal, like its errors.
     warnings.formatwarning = _one_line_warning
     try:
         _check_options(raw)

@@ -37,3 +37,7 @@ class CacheKeyError(ResweepError):
 
 class StorageError(ResweepError):
     """The disk failed (full, I/O error, file-size limit) while resweep was writing."""
+
+
+class ResweepWarning(UserWarning):
+    """Something resweep recovered from but wants a person to know (the CLI prints one line)."""

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from resweep import identity, provenance
 from resweep.errors import ConfigError, ResweepError
+from resweep.identity import NamedConfig
 from resweep.options import Backend, RunOptions
 from resweep.state import ConfigRecord, State
 from resweep.store import Store
@@ -41,7 +42,7 @@ class Experiment:
     cache: bool = True
     timeout_s: float | None = None
     retries: int = 0
-    _named: dict[str, tuple[Any, dict[str, Any]]] | None = field(
+    _named: dict[str, NamedConfig] | None = field(
         default=None, init=False, repr=False, compare=False
     )
 
@@ -67,7 +68,7 @@ class Experiment:
     def store(self) -> Store:
         return Store(self.output_dir)
 
-    def named_configs(self) -> dict[str, tuple[Any, dict[str, Any]]]:
+    def named_configs(self) -> dict[str, NamedConfig]:
         """Every config by name with its canonical params; bad names fail here, before any run."""
         if self._named is None:
             if self.configs is None:
@@ -75,7 +76,9 @@ class Experiment:
                 fix = "rename it in experiment.yaml, or give the experiment its configs"
                 for name in state.configs:
                     identity.check_name(name, "experiment.yaml", fix)
-                self._named = {n: (r["params"], r["params"]) for n, r in state.configs.items()}
+                self._named = {
+                    n: NamedConfig(r["params"], r["params"]) for n, r in state.configs.items()
+                }
             else:
                 if not isinstance(self.configs, Sequence):
                     raise ConfigError(
@@ -143,8 +146,8 @@ class Experiment:
         from resweep import planning
 
         named = self.named_configs()
-        store = self.store
-        state = store.read() if store.exists() else State()
+        # Read as the run would find it: configs a dead run left running, settled.
+        state = self.read_state() if self.store.exists() else State()
         return planning.plan(
             state,
             named,

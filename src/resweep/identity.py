@@ -310,11 +310,19 @@ def check_name(name: object, where: str, fix: str = "fix config_naming") -> str:
     return name
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class NamedConfig:
+    """A config as the script gave it, with its full params (defaults included) for the state."""
+
+    config: Any
+    params: Params
+
+
 def name_configs(
     configs: Sequence[Any], naming: Callable[[Any], str] | None = None
-) -> dict[str, tuple[Any, Params]]:
+) -> dict[str, NamedConfig]:
     """Every config by name with its full params; unsafe or duplicate names fail here."""
-    named: dict[str, tuple[Any, Params]] = {}
+    named: dict[str, NamedConfig] = {}
     identities: dict[str, Params] = {}
     folded: dict[str, str] = {}
     for index, config in enumerate(configs):
@@ -333,7 +341,7 @@ def name_configs(
             raise ConfigError(f"config #{index}: name {name!r} is {detail}; names must be unique")
         folded[name.casefold()] = name
         identities[name] = params
-        named[name] = (config, full)
+        named[name] = NamedConfig(config, full)
     return named
 
 

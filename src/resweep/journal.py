@@ -11,7 +11,7 @@ from typing import Any
 
 from resweep.durable import fsync_dir, open_fd, persisted, write_all
 from resweep.encoding import decode_flow, encode_line, yaml_error
-from resweep.errors import StateError
+from resweep.errors import ResweepWarning, StateError
 from resweep.state import STATUSES, State
 
 # (sequence number, config name, the fields that changed)
@@ -38,7 +38,9 @@ def read_journal(path: Path, after_seq: int) -> list[Entry]:
             entry = decode_flow(line.decode("utf-8"))
         except (ValueError, TypeError, yaml_error()):
             if index != len(lines) - 1:
-                warnings.warn(f"{path}: skipped unreadable line {index + 1}", stacklevel=2)
+                warnings.warn(
+                    f"{path}: skipped unreadable line {index + 1}", ResweepWarning, stacklevel=2
+                )
             continue
         if not _is_entry(entry):
             shown = line[:80].decode("utf-8", "replace")

@@ -12,12 +12,13 @@ from typing import Any
 from resweep import identity, provenance
 from resweep.encoding import encode_flow
 from resweep.errors import ConfigError
+from resweep.identity import NamedConfig
 from resweep.state import State
 
 
 def merge(
     state: State,
-    named: dict[str, tuple[Any, dict[str, Any]]],
+    named: dict[str, NamedConfig],
     *,
     name: str | None,
     description: str | None,
@@ -31,7 +32,8 @@ def merge(
         if value is not None and getattr(state, key) != value:
             setattr(state, key, value)
             changed_state = True
-    for config, (_, params) in named.items():
+    for config, named_config in named.items():
+        params = named_config.params
         record = state.configs.get(config)
         if record is None:
             state.configs[config] = {
@@ -123,7 +125,7 @@ class Plan:
 
 def plan(
     state: State,
-    named: dict[str, tuple[Any, dict[str, Any]]],
+    named: dict[str, NamedConfig],
     *,
     retry_failed: bool,
     only: str | None,

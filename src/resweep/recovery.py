@@ -141,7 +141,8 @@ def settle_left_running(state: State, root: str, *, count: bool = True) -> list[
         )
         fields = settled.fields
         if settled.fate == "interrupted" and not count:
-            fields = {k: v for k, v in fields.items() if k != "interruptions"}
+            # A reader shows the state as a run will settle it, without counting or stamping.
+            fields = {"status": fields["status"]}
         record.update(fields)
     return left
 

@@ -96,7 +96,7 @@ def replay_experiment(experiment: Declared, name: str | None) -> Replay | list[R
     replays = []
     for config_name in names:
         record = state.configs[config_name]
-        config = named[config_name][0] if config_name in named else record["params"]
+        config = named[config_name].config if config_name in named else record["params"]
         stats = cache.CallStats()
         with tempfile.TemporaryDirectory(prefix=f"resweep-replay-{config_name[:40]}-") as tmp:
             ctx = Context(

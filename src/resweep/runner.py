@@ -18,7 +18,9 @@ from typing import Any, Protocol
 from resweep import cache, planning, provenance
 from resweep.clock import now_iso
 from resweep.durable import fault_text, write_atomic
+from resweep.errors import ResweepError
 from resweep.files import CONFIGS_DIR, RUN_FAILURE_FILE, check_layout, remove_workers_dir
+from resweep.identity import NamedConfig
 from resweep.options import RunOptions
 from resweep.pools.base import Pool, PoolStopped, Returned
 from resweep.pools.registry import open_pool
@@ -79,7 +81,7 @@ class Declared(Protocol):
     @property
     def store(self) -> Store: ...
 
-    def named_configs(self) -> dict[str, tuple[Any, dict[str, Any]]]: ...
+    def named_configs(self) -> dict[str, NamedConfig]: ...
 
 
 @dataclass(frozen=True)
@@ -438,7 +440,7 @@ def run_experiment(experiment: Declared, options: RunOptions) -> RunReport:
 
 def _run_locked(
     experiment: Declared,
-    named: dict[str, tuple[Any, dict[str, Any]]],
+    named: dict[str, NamedConfig],
     store: Store,
     options: RunOptions,
     finished: str | None,
@@ -513,7 +515,7 @@ def _run_locked(
 
 def _run_pool(
     experiment: Declared,
-    named: dict[str, tuple[Any, dict[str, Any]]],
+    named: dict[str, NamedConfig],
     store: Store,
     options: RunOptions,
     state: State,
@@ -551,7 +553,7 @@ def _run_pool(
         pool.start(job, timeout_s=experiment.timeout_s)
         scheduler = Scheduler(
             job,
-            [Task(n, named[n][0]) for n in names],
+            [Task(n, named[n].config) for n in names],
             writer,
             pool,
             retries=experiment.retries,
@@ -574,8 +576,8 @@ def _run_pool(
 
 def write_run_failure(store: Store, error: BaseException) -> None:
     """Leave the reason a run stopped on its own error next to the saved state."""
-    if isinstance(error, KeyboardInterrupt):
-        return
+    if isinstance(error, KeyboardInterrupt | ResweepError):
+        return  # a stop, or an error resweep says in one line: nothing inside resweep failed
     text = f"{now_iso()} run stopped by an error inside resweep\n" + "".join(
         traceback.format_exception(error)
     )

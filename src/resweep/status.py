@@ -90,7 +90,7 @@ def status_report(store: Store, fingerprint: str | None) -> StatusReport:
             del running[name]
         for name in running:
             started = datetime.datetime.fromtimestamp(executing[name][1]).astimezone()
-            running[name] = started.isoformat()
+            running[name] = started.isoformat(timespec="milliseconds")
     records = state.configs.values()
     return StatusReport(
         name=state.name,

@@ -13,7 +13,7 @@ from typing import Any
 
 from resweep import lock
 from resweep.durable import file_version, write_atomic
-from resweep.errors import StateError
+from resweep.errors import ResweepWarning, StateError
 from resweep.journal import Journal, apply_entries, read_journal
 from resweep.lock import RunInfo
 from resweep.state import (
@@ -136,6 +136,7 @@ class Store:
                     f"{self.journal_path} lacks entries {state.journal_seq + 1} to "
                     f"{entries[0][0] - 1} (it was cut); the configs they changed read as the "
                     "state file had them, and a run settles them again",
+                    ResweepWarning,
                     stacklevel=2,
                 )
             apply_entries(state, entries)
