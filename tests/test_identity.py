@@ -267,8 +267,10 @@ def test_name_configs_keeps_order_and_full_params() -> None:
     configs = [Config("b", 0.2), Config("a", 0.1, seed=1)]
     named = identity.name_configs(configs)
     assert list(named) == ["lr=0.2,model=b", "lr=0.1,model=a,seed=1"]
-    assert named["lr=0.2,model=b"] == (configs[0], {"lr": 0.2, "model": "b", "seed": 0})
-    assert dataclasses.is_dataclass(named["lr=0.1,model=a,seed=1"][0])
+    assert named["lr=0.2,model=b"] == identity.NamedConfig(
+        configs[0], {"lr": 0.2, "model": "b", "seed": 0}
+    )
+    assert dataclasses.is_dataclass(named["lr=0.1,model=a,seed=1"].config)
 
 
 def test_bad_names_leave_an_existing_experiment_untouched(tmp_path: Path) -> None:
