@@ -330,6 +330,18 @@ def clear_markers(markers_dir: str | os.PathLike[str]) -> None:
                 os.unlink(entry.path)
 
 
+# Made by the first Ctrl-C: a worker that finds it starts no further config.
+STOP_FILE = "stop"
+
+
+def request_stop(root: str | os.PathLike[str]) -> None:
+    """Tell every worker of this run to start no further config."""
+    path = os.path.join(root, WORKERS_DIR, STOP_FILE)
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.close(open_fd(path))
+
+
 def remove_workers_dir(root: str | os.PathLike[str]) -> None:
     """Drop a run's markers once nothing needs them: read when settling, written anew by a run."""
     import shutil

@@ -19,7 +19,15 @@ from resweep import cache, planning, provenance
 from resweep.clock import now_iso
 from resweep.durable import fault_text, write_atomic
 from resweep.errors import ResweepError
-from resweep.files import CONFIGS_DIR, RUN_FAILURE_FILE, check_layout, remove_workers_dir
+from resweep.files import (
+    CONFIGS_DIR,
+    RUN_FAILURE_FILE,
+    STOP_FILE,
+    WORKERS_DIR,
+    check_layout,
+    remove_workers_dir,
+    request_stop,
+)
 from resweep.identity import NamedConfig
 from resweep.options import RunOptions
 from resweep.pools.base import Pool, PoolStopped, Returned
@@ -112,7 +120,10 @@ class RunReport:
 class Stop:
     """What the signal handlers asked for: a graceful stop, then a hard one."""
 
-    def __init__(self, *, raise_on_hard: bool) -> None:
+    def __init__(self, *, raise_on_hard: bool, on_first: Callable[[], int] | None = None) -> None:
+        # Called at the first Ctrl-C: tells workers to start nothing more, returns how many
+        # configs are still running.
+        self.on_first = on_first
         self.requested = False
         self.hard = False
         self.signal_name: str | None = None
@@ -134,8 +145,11 @@ class Stop:
             return
         self.requested = True
         self.signal_name = name
+        running = self.on_first() if self.on_first is not None else None
+        waiting = "the running configs" if running is None else f"{running} running configs"
         print(
-            "\nresweep: stopping once the running configs finish; Ctrl-C again to stop at once",
+            f"\nresweep: stopping: starting no new config, waiting for {waiting} to finish; "
+            "Ctrl-C again to stop at once",
             file=sys.__stderr__,
             flush=True,
         )
@@ -196,7 +210,7 @@ class Scheduler:
         self.writer = writer
         self.pool = pool
         self.retries = retries
-        self.stop = Stop(raise_on_hard=pool.inline)
+        self.stop = Stop(raise_on_hard=pool.inline, on_first=self._stop_starting)
         self.mean_config_s: float | None = None
         self.executed = 0
         self.done = 0
@@ -216,6 +230,14 @@ class Scheduler:
             smoothing=0.05,
         )
         self._postfix()
+
+    def _stop_starting(self) -> int:
+        """The first Ctrl-C: workers start no further config; how many configs still run."""
+        request_stop(self.job.output_dir)
+        executing = self.pool.executing()
+        if executing is None:
+            return len(self.in_flight)
+        return len(executing & self.in_flight.keys())
 
     def _postfix(self) -> None:
         self.bar.set_postfix_str(f"done={self.done} failed={self.failed}", refresh=False)
@@ -281,6 +303,12 @@ class Scheduler:
             outcomes = returned.outcomes
             for outcome in outcomes:
                 task = self.in_flight.pop(outcome.name)
+                if not outcome.started:
+                    # Left alone by a stopping run: that attempt did not happen.
+                    self.writer.update(
+                        outcome.name, {"status": "todo", "attempts": task.attempt - 1}
+                    )
+                    continue
                 if outcome.fault is not None:
                     # Nothing of this attempt is stored: it is todo, and the run stops.
                     self.fault = self.fault or outcome.fault
@@ -290,9 +318,10 @@ class Scheduler:
                 self._finish(task, outcome.fields(), ok=outcome.ok)
             self._settle_lost(returned)
             self._commit(force=bool(returned.failed or returned.done or returned.suspects))
-            if outcomes:
-                self._learn([o.duration_s for o in outcomes])
-                self.bar.update(len(outcomes))
+            ran = [o.duration_s for o in outcomes if o.started and o.fault is None]
+            if ran:
+                self._learn(ran)
+                self.bar.update(len(ran))
             self._postfix()
 
     def _settle_lost(self, returned: Returned) -> None:
@@ -547,6 +576,7 @@ def _run_pool(
         coordinator_pid=os.getpid(),
         session=session,
         fingerprint=fingerprint,
+        stop_file=os.path.join(store.root, WORKERS_DIR, STOP_FILE),
     )
     writer = StateWriter(store, state)
     try:

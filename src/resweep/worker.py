@@ -53,6 +53,8 @@ class Job:
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Process backends only: the directory of per-worker marker files.
     markers_dir: str | None = None
+    # While this file exists the run is stopping: workers start no further config.
+    stop_file: str | None = None
     # Recorded with every done config: which run session and which code produced it.
     session: str | None = None
     fingerprint: str | None = None
@@ -86,6 +88,8 @@ class Outcome:
     cache_misses: int = 0
     # Set when resweep could not store this outcome (a full disk): the config stays todo.
     fault: str | None = None
+    # False for a config a worker did not start because the run is stopping: still todo.
+    started: bool = True
 
     def __reduce__(self) -> tuple[type[Outcome], tuple[Any, ...]]:
         return (Outcome, _outcome_values(self))
@@ -351,6 +355,17 @@ def stored_result(job: Job, outcome: Outcome) -> StoredResult:
         session=job.session,
         fingerprint=job.fingerprint,
     )
+
+
+def stopping(job: Job) -> bool:
+    """Whether the run asked its workers to start nothing more (the first Ctrl-C)."""
+    return job.stop_file is not None and os.path.exists(job.stop_file)
+
+
+def not_started(task: Task) -> Outcome:
+    """The outcome of a config a worker left alone because the run is stopping."""
+    now = now_iso()
+    return Outcome(task.name, False, None, None, now, now, 0.0, task.attempt, started=False)
 
 
 def unstorable(outcome: Outcome, error: Exception) -> Outcome:

@@ -137,3 +137,21 @@ def test_sigterm_saves_state_and_exits_143(tmp_path: Path) -> None:
     statuses = _statuses(tmp_path)
     assert set(statuses.values()) <= {"done", "todo"}
     _finish(tmp_path)
+
+
+@pytest.mark.parametrize(("backend", "running"), [("loky", 2), ("threading", 2), ("sequential", 1)])
+def test_the_first_ctrl_c_starts_nothing_new_not_even_a_queued_config(
+    tmp_path: Path, backend: str, running: int
+) -> None:
+    """Configs already handed to a busy worker stay todo, unstarted, with no attempt used."""
+    proc = _start(tmp_path, sleep_s=3, backend=backend)
+    _wait_started(tmp_path, running)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"waiting for {running} running configs" in err
+    started = (tmp_path / "started.txt").read_text().split()
+    assert len(started) == running, started
+    state = yaml.safe_load((tmp_path / "out/experiment.yaml").read_text())["configs"]
+    assert {n for n, r in state.items() if r["status"] == "done"} == set(started)
+    assert {r["attempts"] for n, r in state.items() if n not in started} == {0}

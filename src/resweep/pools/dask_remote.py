@@ -30,7 +30,9 @@ from resweep.worker import (
     error_line,
     faulted,
     install_router,
+    not_started,
     setup_worker,
+    stopping,
 )
 
 # A config that prints more than this keeps the head of its log; the rest is counted, not sent.
@@ -194,6 +196,9 @@ def run_remote(
         worker.log_event(topic(token), [key, [[t.name, t.attempt] for t in tasks], worker.address])
     shipped = []
     for task in tasks:
+        if remote.shared and stopping(remote.job):
+            shipped.append((not_started(task), Shipment("", None, [])))
+            continue
         if remote.report_starts:
             worker.log_event(topic(token), [key, [[task.name, task.attempt]], worker.address])
         shipped.append(_execute_remote(remote, task, recorded.get(task.name, [])))

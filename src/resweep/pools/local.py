@@ -26,8 +26,10 @@ from resweep.worker import (
     Task,
     execute,
     install_router,
+    not_started,
     pickle_job,
     setup_worker,
+    stopping,
 )
 
 # Per-config cost outside the function: directory, result file, journal line.
@@ -90,15 +92,39 @@ def _prepare(payload: tuple[str, Any]) -> Job:
         return job
 
 
+class _ThreadMarks:
+    """In-process backends: which config each thread runs now (the markers of a thread pool)."""
+
+    def __init__(self) -> None:
+        self._running: dict[int, str] = {}
+
+    def mark(self, name: str) -> None:
+        ident = threading.get_ident()
+        if name:
+            self._running[ident] = name
+        else:
+            self._running.pop(ident, None)
+
+    def names(self) -> set[str]:
+        return set(self._running.values())
+
+
+_thread_marks = _ThreadMarks()
+
+
 def run_batch(payload: tuple[str, Any], tasks: list[Task]) -> list[Outcome]:
     """Run a batch of configs in this worker, each isolated from the others' failures."""
     job = _prepare(payload)
     setup_error = _setup_errors.get(payload[0])
-    marker = _marker if job.markers_dir is not None else None
+    in_coordinator = os.getpid() == job.coordinator_pid
+    marker: _ThreadMarks | Marker | None = _thread_marks if in_coordinator else _marker
     outcomes = []
     for task in tasks:
-        if marker is not None and os.getppid() != job.coordinator_pid:
+        if not in_coordinator and os.getppid() != job.coordinator_pid:
             os._exit(0)  # the coordinator died: start nothing it cannot record
+        if stopping(job):
+            outcomes.append(not_started(task))
+            continue
         outcomes.append(execute(job, task, setup_error, marker))
     return outcomes
 
@@ -301,6 +327,8 @@ class LocalPool:
                 self._executor.shutdown(wait=True, kill_workers=True)
 
     def executing(self) -> set[str] | None:
+        if not self.processes:
+            return _thread_marks.names()
         if self.markers_dir is None:
             return None
         return set(read_markers(self.markers_dir))
