@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+import resweep
 from resweep import encoding, files, store
 from resweep.journal import Journal, read_journal
 from resweep.state import State
@@ -215,7 +216,8 @@ def _check_after_kill(out: Path, done_before: dict[str, str]) -> dict[str, str]:
         return {}
     text = state_path.read_text(encoding="utf-8")
     assert isinstance(yaml.safe_load(text), dict)
-    state = Store(out).read()
+    # As a reader sees it: configs the killed run left running, settled from their results.
+    state = resweep.open(out).state
     done = {n: r["end_time"] for n, r in state.configs.items() if r["status"] == "done"}
     for name, end_time in done_before.items():
         assert done.get(name) == end_time, f"{name} lost or re-run"
