@@ -297,31 +297,68 @@ def ask_then_fail_first(config: Config, ctx: resweep.Context) -> dict[str, Any]:
     return {"answers": answers}
 
 
-def test_automatic_retry_answers_earlier_calls_from_cache(tmp_path: Path, calls: Path) -> None:
-    """A config retried within the run (retries=1) pays for none of its recorded calls."""
+def test_an_automatic_retry_asks_afresh(tmp_path: Path, calls: Path) -> None:
+    """A config retried within the run (retries=1) makes its calls again: a failed attempt's
+    answers may be the reason it failed, so they are kept as its record, not replayed."""
     experiment = experiment_of(tmp_path, ask_then_fail_first, [Config("a")], retries=1)
-    run(experiment)
+    report = run(experiment)
     record = experiment.config_record("a")
     assert record["status"] == "done" and record["attempts"] == 2
-    assert (record["cache_hits"], record["cache_misses"]) == (3, 0)
-    assert len(real_calls(calls)) == 3
+    assert (record["cache_hits"], record["cache_misses"]) == (0, 3)
+    assert len(real_calls(calls)) == 6
+    assert (report.cache_hits, report.cache_misses) == (0, 6)
 
 
-def test_retry_failed_answers_earlier_calls_and_fresh_drops_them(
+def test_retry_failed_asks_afresh_reuse_calls_answers_from_the_failed_attempt(
     tmp_path: Path, calls: Path
 ) -> None:
-    """--retry-failed reuses the failed attempt's calls; --fresh drops only its configs' calls."""
+    """--retry-failed pays again; --reuse-calls answers the retry from the failed attempt's calls
+    (the cheap path after fixing a bug in one's own code); --fresh drops only live calls."""
     experiment = experiment_of(tmp_path, ask_then_fail_first, [Config("a"), Config("b")])
     run(experiment)
     assert experiment.status()["failed"] == 2
-    run(experiment, retry_failed=True, only="a")
     assert len(real_calls(calls)) == 6
-    assert experiment.config_record("a")["cache_hits"] == 3
-    run(experiment, retry_failed=True, only="b", fresh=True)
+    run(experiment, retry_failed=True, only="a")
     assert len(real_calls(calls)) == 9
-    assert experiment.config_record("b")["cache_misses"] == 3
+    assert experiment.config_record("a")["cache_misses"] == 3
+    run(experiment, retry_failed=True, only="b", reuse_calls=True)
+    assert len(real_calls(calls)) == 9  # zero real calls for b
+    assert experiment.config_record("b")["cache_hits"] == 3
     assert experiment.replay("a").equal and experiment.replay("b").equal
     assert len(real_calls(calls)) == 9
+
+
+def test_an_interrupted_attempt_is_not_a_failure_its_calls_are_reused(
+    tmp_path: Path, calls: Path
+) -> None:
+    """Calls of an attempt cut off before it ended stay live: the next attempt pays nothing twice."""
+    experiment = experiment_of(tmp_path, three_asks, [Config("a")])
+    out = tmp_path / "out"
+    with cache.scope(out, "a", "record", cache.CallStats()):
+        ask("a-q0")  # as an attempt that was killed after its first call leaves it
+    assert len(real_calls(calls)) == 1
+    run(experiment)
+    assert len(real_calls(calls)) == 3
+    assert experiment.config_record("a")["cache_hits"] == 1
+
+
+def test_retries_get_a_good_answer_from_a_model_whose_first_answer_is_bad(
+    tmp_path: Path, calls: Path
+) -> None:
+    """With retries, a config whose first answer was malformed succeeds on a fresh answer."""
+
+    def flaky(config: Config, ctx: resweep.Context) -> dict[str, Any]:
+        answer = ask(f"{config.name}-json")
+        asked = real_calls(calls).count(f"ask {config.name}-json 0.0")
+        if asked == 1:  # the model's first answer to each prompt is malformed
+            raise ValueError(f"malformed JSON from the model: {answer!r}")
+        return {"answer": answer}
+
+    experiment = experiment_of(tmp_path, flaky, [Config(f"c{i}") for i in range(8)], retries=3)
+    report = run(experiment)
+    assert (report.done, report.failed) == (8, 0)
+    # Each config paid for its bad answer and one good one; none replayed the bad one.
+    assert len(real_calls(calls)) == 16
 
 
 # -- isolation -------------------------------------------------------------------------------

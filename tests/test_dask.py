@@ -249,11 +249,14 @@ def test_local_cluster_runs_a_sweep(tmp_path: Path) -> None:
     assert (out / "configs/i=1/artifact.txt").exists()
     assert len(lines(tmp_path, "calls")) == 6
 
-    again = run(script, "run", "--backend", "dask", "--max-workers", "2", "--retry-failed")
+    again = run(
+        script, "run", "--backend", "dask", "--max-workers", "2", "--retry-failed", "--reuse-calls"
+    )
     assert again.returncode == 0, again.stderr
     record = yaml.safe_load((out / "experiment.yaml").read_text())["configs"]["i=3"]
     assert record["status"] == "done" and record["attempts"] == 2
-    # The failed attempt's call travelled back, so the retry did not pay for it again.
+    # The failed attempt's call travelled back and was kept as its record: --reuse-calls
+    # answers the retry from it, so the retry did not pay for it again.
     assert record["cache_hits"] == 1 and record["cache_misses"] == 0
     assert len(lines(tmp_path, "calls")) == 6
     assert not (out / "configs/i=3/exception.txt").exists()

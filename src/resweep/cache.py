@@ -164,6 +164,48 @@ def drop(output_dir: str | os.PathLike[str], names: list[str]) -> None:
         handle.evict(name, retry=True)
 
 
+# A failed attempt's calls are kept apart, under "<config>\x1e<attempt>": the next attempt asks
+# afresh, replay and --reuse-calls can still read them.
+_ATTEMPT_SEPARATOR = "\x1e"
+
+
+def attempt_record(config: str, attempt: int) -> str:
+    """The tag under which the calls of a failed attempt of config are kept."""
+    return f"{config}{_ATTEMPT_SEPARATOR}{attempt}"
+
+
+def set_aside(output_dir: str | os.PathLike[str], config: str, attempt: int) -> int:
+    """Keep a failed attempt's calls as that attempt's record, out of the next attempt's way.
+
+    Returns how many calls were set aside.
+    """
+    if not Path(output_dir, CACHE_DIR).exists():
+        return 0
+    handle = open_cache(output_dir)
+    entries = calls_of(handle, config)
+    if not entries:
+        return 0
+    record = attempt_record(config, attempt)
+    with handle.transact(retry=True):
+        for key, blob in entries:
+            handle.set(record + key[len(config) :], blob, tag=record, retry=True)
+            handle.delete(key, retry=True)
+    return len(entries)
+
+
+def reuse(output_dir: str | os.PathLike[str], config: str, attempt: int) -> int:
+    """Answer config's next attempt from the record of its failed attempt (--reuse-calls)."""
+    if not Path(output_dir, CACHE_DIR).exists():
+        return 0
+    handle = open_cache(output_dir)
+    record = attempt_record(config, attempt)
+    entries = calls_of(handle, record)
+    with handle.transact(retry=True):
+        for key, blob in entries:
+            handle.set(config + key[len(record) :], blob, tag=config, retry=True)
+    return len(entries)
+
+
 def close_cache(output_dir: str | os.PathLike[str]) -> None:
     """Close this process's handle on <output_dir>/cache, if it has one."""
     directory = os.path.abspath(os.path.join(os.fspath(output_dir), CACHE_DIR))

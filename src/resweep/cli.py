@@ -94,6 +94,7 @@ class CLI:
         self,
         max_workers: int = 1,
         retry_failed: bool = False,
+        reuse_calls: bool = False,
         backend: Backend = "loky",
         scheduler: str | None = None,
         only: str | None = None,
@@ -107,6 +108,7 @@ class CLI:
         options = RunOptions(
             max_workers=max_workers,
             retry_failed=retry_failed,
+            reuse_calls=reuse_calls,
             backend=backend,
             scheduler=scheduler,
             only=only,
@@ -128,6 +130,11 @@ class CLI:
             f"done {report.done}, failed {report.failed}, todo {report.todo}"
             + (f", interrupted {report.interrupted} ({report.signal})" if report.signal else "")
         )
+        if report.cache_hits or report.cache_misses:
+            print(
+                f"cache: {report.cache_hits} calls answered from earlier attempts, "
+                f"{report.cache_misses} made"
+            )
         if report.failed:
             print("failed configs: `status --failed` lists them; `run --retry-failed` retries them")
         if report.absent:

@@ -106,6 +106,7 @@ class Experiment:
         max_workers: int = 1,
         *,
         retry_failed: bool = False,
+        reuse_calls: bool = False,
         backend: Backend = "loky",
         only: str | None = None,
         fresh: bool = False,
@@ -116,6 +117,9 @@ class Experiment:
     ) -> RunReport:
         """Run every todo config (and failed ones with retry_failed); resumable at any point.
 
+        A failed attempt's cached calls are kept as its record; the next attempt asks afresh,
+        unless reuse_calls answers a retried failed config from that record.
+
         Beyond the contract: break_lock takes over a lock whose holder cannot be proven dead,
         scheduler is a Dask scheduler address, rerun_changed also runs done configs whose code
         fingerprint differs from the current code.
@@ -123,6 +127,7 @@ class Experiment:
         options = RunOptions(
             max_workers=max_workers,
             retry_failed=retry_failed,
+            reuse_calls=reuse_calls,
             backend=backend,
             only=only,
             fresh=fresh,

@@ -17,6 +17,8 @@ class RunOptions:
 
     max_workers: int = 1
     retry_failed: bool = False
+    # Answer a retried failed config from its failed attempt's calls instead of asking afresh.
+    reuse_calls: bool = False
     backend: Backend = "loky"
     # A glob on config names.
     only: str | None = None

@@ -107,6 +107,9 @@ class RunReport:
     signal: str | None = None
     # Configs not done that the state holds but the script no longer declares (clean_index).
     absent: tuple[str, ...] = ()
+    # Cached calls of this run's configs answered from earlier attempts, and made for real.
+    cache_hits: int = 0
+    cache_misses: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -213,6 +216,8 @@ class Scheduler:
         self.stop = Stop(raise_on_hard=pool.inline, on_first=self._stop_starting)
         self.mean_config_s: float | None = None
         self.executed = 0
+        self.cache_hits = 0
+        self.cache_misses = 0
         self.done = 0
         self.failed = 0
         self.interrupted = 0
@@ -282,8 +287,13 @@ class Scheduler:
         pool.submit(batches)
 
     def _finish(self, task: Task, fields: dict[str, Any], *, ok: bool) -> None:
-        """Record one config's end; a failure with retries left goes back to the queue."""
+        """Record one config's end; a failure with retries left goes back to the queue.
+
+        A failed attempt's cached calls become that attempt's record: the next one asks afresh.
+        """
         fields["session"] = self.job.session
+        if not ok and self.job.cache:
+            cache.set_aside(self.job.output_dir, task.name, task.attempt)
         if ok:
             fields["fingerprint"] = self.job.fingerprint
             self.done += 1
@@ -315,6 +325,8 @@ class Scheduler:
                     self.writer.update(outcome.name, {"status": "todo"})
                     continue
                 self.executed += 1
+                self.cache_hits += outcome.cache_hits
+                self.cache_misses += outcome.cache_misses
                 self._finish(task, outcome.fields(), ok=outcome.ok)
             self._settle_lost(returned)
             self._commit(force=bool(returned.failed or returned.done or returned.suspects))
@@ -538,6 +550,8 @@ def _run_locked(
         todo=counts["todo"] + counts["running"],
         interrupted=scheduler.interrupted if scheduler is not None else 0,
         executed=scheduler.executed if scheduler is not None else 0,
+        cache_hits=scheduler.cache_hits if scheduler is not None else 0,
+        cache_misses=scheduler.cache_misses if scheduler is not None else 0,
         signal=stop.signal_name if stop is not None and stop.requested else None,
     )
 
@@ -560,6 +574,12 @@ def _run_pool(
     store.compact(state)
     if options.fresh:
         cache.drop(store.root, names)
+    elif options.reuse_calls and experiment.cache:
+        # Answer each retried failure from the calls of the attempt that failed.
+        for name in names:
+            record = state.configs[name]
+            if record["status"] == "failed":
+                cache.reuse(store.root, name, record.get("attempts", 0))
     setup = experiment.setup
     setup_value = setup.common() if setup is not None and setup.common else None
     (store.root / CONFIGS_DIR).mkdir(exist_ok=True)
