@@ -399,10 +399,13 @@ def test_worker_without_the_output_dir(tmp_path: Path, local_scheduler: str) -> 
         assert replay.returncode == 0, replay.stderr + replay.stdout
         assert len(lines(tmp_path, "calls")) == 6
         retry = run(
-            script, "run", "--backend", "dask", "--scheduler", local_scheduler, "--retry-failed"
-        )
+            script, "run", "--backend", "dask", "--scheduler", local_scheduler,
+            "--retry-failed", "--reuse-calls",
+        )  # fmt: skip
         assert retry.returncode == 0, retry.stderr
         record = yaml.safe_load((out / "experiment.yaml").read_text())["configs"]["i=2"]
+        # The failed attempt's call, shipped back from a worker that cannot see output_dir,
+        # answers the retry: --reuse-calls pays nothing again.
         assert record["status"] == "done" and record["cache_hits"] == 1
         assert len(lines(tmp_path, "calls")) == 6
         # The run's scratch on the worker is gone once the run ends.

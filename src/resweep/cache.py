@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import errno
 import functools
 import hashlib
 import inspect
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
 
+from resweep.durable import WriteFault
 from resweep.errors import CacheKeyError, CacheMiss, ResweepError, StateError
 
 CacheMode = Literal["record", "replay"]
@@ -411,7 +413,10 @@ def call_cached(
         n = current.counts.get(key, 0) + 1
         current.counts[key] = n
     full_key = f"{current.config}\x1f{n}\x1f{key}"
-    blob = current.cache().get(full_key, default=_MISSING, retry=True)
+    try:
+        blob = current.cache().get(full_key, default=_MISSING, retry=True)
+    except _database_error() as error:
+        raise _damaged(current, error) from None
     if blob is not _MISSING:
         with current.lock:
             current.stats.hits += 1
@@ -440,10 +445,27 @@ def call_cached(
             f"{type(value).__qualname__} that cannot be pickled, so it cannot be recorded: "
             f"{type(error).__name__}: {error}"
         ) from error
-    current.cache().set(full_key, blob, tag=current.config, retry=True)
+    try:
+        current.cache().set(full_key, blob, tag=current.config, retry=True)
+    except _database_error() as error:
+        raise _damaged(current, error) from None
     with current.lock:
         current.stats.misses += 1
     return value
+
+
+def _database_error() -> type[Exception]:
+    """SQLite's error class, imported only once something was raised (except clauses)."""
+    import sqlite3
+
+    return sqlite3.DatabaseError
+
+
+def _damaged(current: _Scope, error: Exception) -> WriteFault:
+    """A damaged cache is the disk's problem, not the config's: the run stops, the config is todo."""
+    assert current.output_dir is not None
+    where = os.path.join(os.fspath(current.output_dir), CACHE_DIR)
+    return WriteFault(errno.EIO, f"the request cache is damaged ({error})", where)
 
 
 def _release(current: _Scope, key: str, n: int) -> None:

@@ -273,6 +273,10 @@ def main(experiment: Commands, argv: list[str] | None = None) -> None:
     except ResweepError as error:
         print(f"error: {error}", file=sys.stderr)
         _exit(2)
+    except KeyboardInterrupt:
+        # Ctrl-C outside a run's own handling (setup.common, starting a cluster): nothing ran.
+        print("interrupted", file=sys.stderr)
+        _exit(130)
     except BrokenPipeError:
         # `exp.py show NAME | head`: the reader left; say nothing more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

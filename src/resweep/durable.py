@@ -91,10 +91,11 @@ def fault_text(error: OSError) -> str:
             f"{where} is a symbolic link, which resweep does not write through; replace it with "
             "a real file or directory"
         )
+    what = error.strerror or os.strerror(error.errno or 0)
     if error.errno in (errno.EACCES, errno.EPERM):
-        return f"{os.strerror(error.errno)} while writing {where}; fix its permissions"
+        return f"{what} while writing {where}; fix its permissions"
     if error.errno in DISK_ERRNOS:
-        return f"{os.strerror(error.errno)} while writing {where}; free space or fix the disk"
+        return f"{what} while writing {where}; free space or fix the disk"
     return f"{error.strerror or os.strerror(error.errno or 0)} while writing {where}"
 
 

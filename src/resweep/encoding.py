@@ -7,6 +7,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from resweep.errors import StateError
+
 # Numbers such as 1e-05 that YAML 1.1 would read as strings; they get a ".0".
 _BARE_EXPONENT = re.compile(r'("(?:[^"\\]|\\.)*")|(?<![\w.])(-?\d+)([eE][-+]?\d+)')
 # A float's repr always signs its exponent (1e-05), so text without "e-" or "e+" needs no fix;
@@ -49,8 +51,14 @@ def _text_times_loader(*, pure: bool = False) -> Any:
 
 
 def yaml_load(text: str) -> Any:
-    """YAML as resweep reads it: the safe loader, dates and times kept as text."""
+    """YAML as resweep reads it: the safe loader, dates and times kept as text, no aliases."""
     yaml = yaml_module()
+    if "*" in text and "&" in text and _has_alias(yaml, text):
+        # A few aliases can stand for more data than memory holds ("billion laughs").
+        raise StateError(
+            "the file uses YAML anchors and aliases (& and *), which resweep does not read; "
+            "write the values out"
+        )
     try:
         return yaml.load(text, Loader=_text_times_loader())
     except yaml.YAMLError:
@@ -58,6 +66,13 @@ def yaml_load(text: str) -> Any:
             raise
         # libyaml refuses an escaped lone surrogate, which PyYAML's own reader takes.
         return yaml.load(text, Loader=_text_times_loader(pure=True))
+
+
+def _has_alias(yaml: Any, text: str) -> bool:
+    try:
+        return any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text))
+    except yaml.YAMLError:
+        return False  # the loader says what is wrong
 
 
 def yaml_error() -> type[Exception]:

@@ -204,6 +204,9 @@ class Experiment:
             raise ResweepError("clean_index needs the experiment's configs; configs is None")
         named = self.named_configs()
         store = self.store
+        from resweep.files import check_layout
+
+        check_layout(store.root)
         with store.lock():
             state = store.read()
             dropped = [n for n in state.configs if n not in named]

@@ -68,6 +68,8 @@ OWN_ENTRIES = {
     CONFIGS_DIR: True, "cache": True, WORKERS_DIR: True, "cache.lock": False, ".lock": False,
     "run.json": False, "journal.jsonl": False, "experiment.yaml": False, "summary.csv": False,
     ".finished.json": False, RUN_FAILURE_FILE: False,
+    # The request cache's SQLite files, which diskcache opens by name.
+    "cache/cache.db": False, "cache/cache.db-wal": False, "cache/cache.db-shm": False,
 }  # fmt: skip
 
 
@@ -263,12 +265,13 @@ class Marker:
 
 
 def marker_pid(file_name: str) -> tuple[str, int] | None:
-    """(host, pid) of the process a marker file belongs to: '<pid>' here, 'dask-<host>-<pid>'."""
+    """(host, pid) of the process a marker file belongs to: '<pid>' here, 'dask-<host>-<pid>-<thread>'."""
     if file_name.isdigit():
         return socket.gethostname(), int(file_name)
-    if file_name.startswith("dask-"):
-        host, _, pid = file_name[len("dask-") :].rpartition("-")
-        if pid.isdigit() and host:
+    if file_name.startswith("dask-"):  # dask-<host>-<pid>-<thread>
+        host_pid, _, thread = file_name[len("dask-") :].rpartition("-")
+        host, _, pid = host_pid.rpartition("-")
+        if pid.isdigit() and thread.isdigit() and host:
             return host, int(pid)
     return None
 

@@ -31,7 +31,7 @@ _SAFE_TOKEN = re.compile(r"[A-Za-z0-9_.+-]+\Z")
 _SCALAR_WORDS = {"true", "false", "none", "null", "yes", "no", "on", "off", "~"}
 # Names made only of these characters, not starting with '-', pass every check of check_name.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.,=+][A-Za-z0-9_.,=+-]*\Z")
-_UNSAFE_NAME_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")
+_UNSAFE_NAME_CHARS = re.compile(r"[/\\\x00-\x1f\x7f-\x9f]")
 _MISSING = dataclasses.MISSING
 
 
@@ -330,7 +330,10 @@ def name_configs(
             params, full = _canonical_pair(config)
         except ConfigError as error:
             raise ConfigError(f"config #{index}: {error}") from None
-        name = naming(config) if naming else default_name(params)
+        try:
+            name = naming(config) if naming else default_name(params)
+        except ValueError as error:  # an int too long to write out (sys.set_int_max_str_digits)
+            raise ConfigError(f"config #{index}: {error}") from None
         if not (type(name) is str and _plain_name(name)):
             check_name(name, f"config #{index}")
         # Two names differing only in case share one directory on macOS and Windows.

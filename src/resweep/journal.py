@@ -12,7 +12,7 @@ from typing import Any
 from resweep.durable import fsync_dir, open_fd, persisted, write_all
 from resweep.encoding import decode_flow, encode_line, yaml_error
 from resweep.errors import ResweepWarning, StateError
-from resweep.state import STATUSES, State
+from resweep.state import State, field_problem
 
 # (sequence number, config name, the fields that changed)
 Entry = tuple[int, str, dict[str, Any]]
@@ -67,10 +67,7 @@ def _is_entry(entry: Any) -> bool:
     seq, name, fields = entry
     if type(seq) is not int or seq < 1 or type(name) is not str or type(fields) is not dict:
         return False
-    if "status" in fields and fields["status"] not in STATUSES:
-        return False
-    attempts = fields.get("attempts", 0)
-    return type(attempts) is int and attempts >= 0
+    return field_problem(fields) is None
 
 
 def apply_entries(state: State, entries: list[Entry]) -> None:

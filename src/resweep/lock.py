@@ -15,22 +15,12 @@ from resweep.clock import now_iso
 from resweep.durable import write_atomic
 from resweep.encoding import encode_flow
 from resweep.errors import LockedError
+from resweep.processes import pid_alive
 
 LOCK_FILE = ".lock"
 RUN_FILE = "run.json"
 # How long a refused run waits for the lock's new holder to write run.json.
 HOLDER_WAIT_S = 2.0
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, owned by someone else
-    return True
 
 
 @dataclass(frozen=True)
@@ -40,10 +30,13 @@ class RunInfo:
     host: str
     pid: int
     start_time: str
+    # The inode of the lock file this run locked: a run.json of a living run whose lock file
+    # is another one tells a lock file replaced under it.
+    lock: int | None = None
 
     @staticmethod
-    def current() -> RunInfo:
-        return RunInfo(socket.gethostname(), os.getpid(), now_iso())
+    def current(lock: int | None = None) -> RunInfo:
+        return RunInfo(socket.gethostname(), os.getpid(), now_iso(), lock)
 
     def describe(self) -> str:
         return f"pid {self.pid} on host {self.host}, started {self.start_time}"
@@ -140,7 +133,23 @@ def hold(root: Path, *, break_lock: bool = False) -> Iterator[RunInfo]:
             raise LockedError(
                 f"another run took {root} while breaking its lock; try again"
             ) from None
-    info = RunInfo.current()
+    locked = os.stat(lock_path).st_ino
+    previous = _read_run_file(run_path)
+    if (
+        previous is not None
+        and previous.lock is not None
+        and previous.lock != locked
+        and previous.host == socket.gethostname()
+        and previous.pid != os.getpid()
+        and pid_alive(previous.pid)
+    ):
+        # The lock file was replaced under a run that is still alive: its lock no longer shows.
+        lock.release()
+        raise LockedError(
+            f"another run is active on {root}: {previous.describe()}, alive on this host, though "
+            f"its lock file was removed; stop it first (kill {previous.pid})"
+        )
+    info = RunInfo.current(locked)
     try:
         write_atomic(run_path, encode_flow(asdict(info)) + "\n", durable=False)
         yield info

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from resweep.files import (
     read_result,
     read_started,
 )
+from resweep.processes import kill_tree
 from resweep.state import State
 from resweep.store import Store
 
@@ -74,7 +74,6 @@ def stop_orphans(root: str, wait_s: float = ORPHAN_WAIT_S) -> list[int]:
     executions of one config never overlap: the new run starts none before this returns.
     """
     import fcntl
-    import signal
     import socket
     import time
 
@@ -104,8 +103,7 @@ def stop_orphans(root: str, wait_s: float = ORPHAN_WAIT_S) -> list[int]:
                 except BlockingIOError:
                     pass
                 if host == here and pid != os.getpid() and not killed:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.kill(pid, signal.SIGKILL)
+                    kill_tree(pid)  # with what the config started: none of its work goes on
                     killed = True
                     stopped.append(pid)
                 if time.monotonic() > deadline:

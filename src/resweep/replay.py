@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from resweep import cache
 from resweep.errors import ResweepError
+from resweep.files import check_layout
 from resweep.identity import flatten
 from resweep.recovery import read_settled
 from resweep.worker import Context, takes_context, to_plain_result
@@ -78,6 +79,7 @@ def replay_experiment(experiment: Declared, name: str | None) -> Replay | list[R
     """Re-run done configs in this process; any call missing from the cache raises CacheMiss."""
     store = experiment.store
     state, _ = read_settled(store)
+    check_layout(store.root)  # replay opens the cache: never through a link
     if name is not None:
         record = state.lookup(str(name))
         if record["status"] != "done":

@@ -452,7 +452,7 @@ def run_experiment(experiment: Declared, options: RunOptions) -> RunReport:
     store = experiment.store
     # A finished sweep run again need not be named: its marker vouches for the names.
     finished = None
-    if store.finished_path.exists():
+    if os.path.exists(store.finished_path):  # False, not an error, in a directory it cannot read
         finished = planning.finished_key(
             experiment.configs, experiment.config_naming, experiment.name, experiment.description
         )

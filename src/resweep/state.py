@@ -245,6 +245,7 @@ def parse_state(text: str, path: Path) -> State:
             and type(record.get("attempts")) is int
             and record["attempts"] >= 0
             and type(record.get("params")) is dict
+            and field_problem(record) is None
         ):
             _check_record(name, record, path)
         plain_keys = plain_keys and type(name) is str
@@ -264,6 +265,30 @@ def parse_state(text: str, path: Path) -> State:
     )
 
 
+# The types a record's other fields must have when present (None is always allowed).
+_FIELD_TYPES: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+    ("cache_hits", int), ("cache_misses", int), ("interruptions", int),
+    ("duration_s", (int, float)), ("session", str), ("fingerprint", str), ("error", str),
+    ("start_time", str), ("end_time", str),
+)  # fmt: skip
+
+
+def field_problem(fields: dict[str, Any]) -> str | None:
+    """What is wrong with a record's fields (or a journal entry's), or None."""
+    for key, kinds in _FIELD_TYPES:
+        value = fields.get(key)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+            return f"{key} {value!r} is not a {getattr(kinds, '__name__', 'number')}"
+    if "params" in fields and not isinstance(fields["params"], dict):
+        return "params is not a mapping"
+    if "status" in fields and fields["status"] not in STATUSES:
+        return f"status {fields['status']!r} is none of {', '.join(STATUSES)}"
+    attempts = fields.get("attempts", 0)
+    if type(attempts) is not int or attempts < 0:
+        return f"attempts {attempts!r} is not a whole number"
+    return None
+
+
 def _check_record(name: Any, record: Any, path: Path) -> None:
     if not isinstance(record, dict):
         raise StateError(f"{path}: config {name!r} must be a mapping with params and status")
@@ -279,6 +304,9 @@ def _check_record(name: Any, record: Any, path: Path) -> None:
     if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
         raise StateError(f"{path}: config {name!r} has attempts {attempts!r}; use a whole number")
     record.setdefault("params", {})
+    problem = field_problem(record)
+    if problem is not None:
+        raise StateError(f"{path}: config {name!r}: {problem}; fix it by hand")
 
 
 RESTORE_HINT = "restore it from a backup, or fix it by hand (a plain YAML file)"

@@ -240,9 +240,28 @@ def routed_output() -> Iterator[None]:
 
 
 def error_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    """'Type: first line of the message', safe whatever the exception holds."""
+    try:
+        text = str(exc).strip().splitlines()
+    except Exception:  # a __str__ that raises is the config's bug, not a reason to stop the run
+        text = ["(its message could not be read)"]
     line = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-    return line[:ERROR_LINE_CHARS]
+    return _valid_text(line[:ERROR_LINE_CHARS])
+
+
+def error_trace(exc: BaseException) -> str:
+    """The traceback as text, safe whatever the exception holds."""
+    try:
+        return _valid_text("".join(traceback.format_exception(exc)))
+    except Exception:
+        return f"{error_line(exc)}\n(the traceback could not be formatted)\n"
+
+
+def _valid_text(text: str) -> str:
+    """text with any lone surrogate (from bytes decoded with os.fsdecode) escaped."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def call_config(
@@ -274,17 +293,18 @@ def call_config(
                 raw = job.function(task.config, ctx) if job.takes_ctx else job.function(task.config)
             result = to_plain_result(raw)
             ok = True
-    except KeyboardInterrupt:
-        raise
+    except KeyboardInterrupt as exc:
+        if os.getpid() == job.coordinator_pid:
+            raise  # Ctrl-C, in a run of this process's own: the run stops
+        # A worker process ignores Ctrl-C: a KeyboardInterrupt there is the config's own.
+        error, trace = error_line(exc), error_trace(exc)
     except OSError as exc:
         # The config's own OSError is its failure, unless the disk failed or resweep's own write.
         if isinstance(exc, WriteFault) or exc.errno in DISK_ERRNOS:
             return exc
-        error = error_line(exc)
-        trace = "".join(traceback.format_exception(exc))
+        error, trace = error_line(exc), error_trace(exc)
     except BaseException as exc:  # SystemExit too: one config's exit must not end the run
-        error = error_line(exc)
-        trace = "".join(traceback.format_exception(exc))
+        error, trace = error_line(exc), error_trace(exc)
     finally:
         _current_log.reset(token)
     return ok, result, error, trace

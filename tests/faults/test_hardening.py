@@ -85,6 +85,66 @@ experiment = resweep.Experiment(
     )
 
 
+@pytest.fixture
+def subprocess_script(fault_script: Callable[[str], Path]) -> Path:
+    """Each config does its work in a subprocess of its own, which holds the overlap probe."""
+    return fault_script(
+        OVERLAP_PROBE
+        + """
+import subprocess
+
+CHILD = (
+    "import os, sys, time, fcntl\\n"
+    "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)\\n"
+    "try:\\n"
+    "    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\\n"
+    "except BlockingIOError:\\n"
+    "    open(sys.argv[2], 'a').write(sys.argv[1] + '\\\\n')\\n"
+    "open(sys.argv[3], 'a').write('started\\\\n')\\n"
+    "time.sleep(2.0)\\n"
+)
+
+
+def work(config):
+    name = f"i={config['i']}"
+    record_execution(name)
+    probe_path = os.path.join(PROBES, name)
+    subprocess.run(
+        [sys.executable, "-c", CHILD, probe_path, os.path.join(HERE, "overlaps.txt"),
+         os.path.join(HERE, "children.txt")],
+        check=True,
+    )
+    return {"i": config["i"]}
+
+
+experiment = resweep.Experiment(
+    function=work, configs=[{"i": i} for i in range(3)], output_dir=OUT
+)
+"""
+    )
+
+
+def test_a_config_s_own_subprocess_never_overlaps_the_resumed_run(subprocess_script: Path) -> None:
+    """SIGKILL the coordinator alone while a config's subprocess works: the next run stops it
+    (with its worker) before that config runs again, so no two executions overlap."""
+    children = subprocess_script.parent / "children.txt"
+
+    def started() -> int:
+        return len(children.read_text().splitlines()) if children.exists() else 0
+
+    for round_ in range(2):
+        before = started()
+        proc = start_cli(
+            subprocess_script, "run", "--max-workers", "1", "--noprogress", log=f"r{round_}"
+        )
+        wait_for(lambda n=before: started() > n, what="a config's subprocess to start")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    final = run_cli(subprocess_script, "run", "--max-workers", "1", "--noprogress", timeout=120)
+    assert final.returncode == 0, final.stderr
+    assert overlaps(subprocess_script) == []
+
+
 def test_a_run_started_right_after_a_sigkill_never_overlaps_the_orphaned_worker(
     slow_script: Path,
 ) -> None:
@@ -538,3 +598,156 @@ def test_nothing_is_written_outside_output_dir_by_a_whole_sweep(
     after = {k for k in snapshot(tmp_path) if not k.startswith("out")}
     # The script's own record of executions is the only file beside out/.
     assert {k for k in after - before if not k.startswith("__pycache__")} == {"executions.txt"}
+
+
+# -- what a hostile review found next ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["loky", "threading"])
+def test_a_config_s_odd_exception_fails_that_config_alone(
+    fault_script: Callable[[str], Path], backend: str
+) -> None:
+    """A message with a lone surrogate, a __str__ that raises, a KeyboardInterrupt of the
+    config's own (in a worker): each fails its config; the others are done; the next run too."""
+    script = fault_script(
+        """
+class BadStr(Exception):
+    def __str__(self):
+        raise RuntimeError("no str for you")
+
+
+def work(config):
+    i = config["i"]
+    if i == 0:
+        raise ValueError("bad file " + os.fsdecode(b"\\\\xff.txt"))
+    if i == 1:
+        raise BadStr()
+    if i == 2 and os.getpid() != int(os.environ["COORDINATOR"]):
+        raise KeyboardInterrupt
+    return {"i": i}
+
+
+os.environ.setdefault("COORDINATOR", str(os.getpid()))
+experiment = resweep.Experiment(
+    function=work, configs=[{"i": i} for i in range(4)], output_dir=OUT
+)
+"""
+    )
+    for _ in range(2):
+        proc = run_cli(script, "run", "--noprogress", "--max-workers", "2", "--backend", backend)
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
+    state = read_state(script)
+    assert state["i=0"]["status"] == state["i=1"]["status"] == "failed"
+    assert str(state["i=0"]["error"]).startswith("ValueError: bad file \\")  # escaped, kept
+    assert "could not be read" in str(state["i=1"]["error"])
+    assert state["i=3"]["status"] == "done"
+    assert state["i=2"]["status"] == ("failed" if backend == "loky" else "done")
+
+
+def test_a_symlink_at_the_cache_database_is_never_written_through(
+    printing_script: Path, tmp_path: Path
+) -> None:
+    """cache/cache.db as a link to a database elsewhere: refused before it is opened."""
+    assert run_cli(printing_script, "run", "--noprogress").returncode == 0
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere.db"
+    shutil.move(out / "cache" / "cache.db", elsewhere)
+    (out / "cache" / "cache.db").symlink_to(elsewhere)
+    before = elsewhere.read_bytes()
+    state = (out / "experiment.yaml").read_text().replace('"status": "done"', '"status": "todo"')
+    (out / "experiment.yaml").write_text(state)
+    for command in (["run", "--noprogress"], ["replay"]):
+        assert_one_line_error(run_cli(printing_script, *command), "symbolic link")
+    assert elsewhere.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda text: text.replace('"cache_hits": 0', '"cache_hits": "x"', 1), "cache_hits"),
+        (lambda text: text.replace('"i=0"', '"a\\u0085b"', 1), "control character"),
+        (
+            lambda text: (
+                "a: &x [1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &y [*x, *x, *x, *x, *x, *x]\n" + text
+            ),
+            "aliases",
+        ),
+    ],
+)
+def test_a_hand_edit_resweep_cannot_use_is_one_line(
+    fault_script: Callable[[str], Path], tmp_path: Path, edit: Callable[[str], str], needle: str
+) -> None:
+    """A field of the wrong type, a C1 control character in a name, YAML aliases: one line."""
+    script = fault_script(
+        """
+experiment = resweep.Experiment(function=lambda c: {"v": 1}, configs=None, output_dir=OUT)
+"""
+    )
+    seed = resweep.Experiment(
+        function=lambda c: {"v": 1},
+        configs=[{"i": i} for i in range(3)],
+        output_dir=tmp_path / "out",
+    )
+    seed.run(backend="threading", progress=False)
+    path = tmp_path / "out" / "experiment.yaml"
+    path.write_text(edit(path.read_text()))
+    proc = run_cli(script, "run", "--noprogress", timeout=60)
+    assert_one_line_error(proc, needle)
+
+
+def test_a_journal_line_with_params_of_the_wrong_type_is_one_line(finished: Path) -> None:
+    """params: null in a journal entry is no entry resweep wrote: exit 2, nothing changed."""
+    out = finished.parent / "out"
+    seq = yaml.safe_load((out / "experiment.yaml").read_text())["journal_seq"]
+    (out / "journal.jsonl").write_text(json.dumps([seq + 1, "i=0", {"params": None}]) + "\n")
+    for command in (["status"], ["run", "--noprogress"], ["force_summary"]):
+        assert_one_line_error(run_cli(finished, *command), "journal.jsonl line 1")
+
+
+def test_a_run_whose_lock_file_was_removed_keeps_the_experiment(
+    fault_script: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """rm .lock under a live run: a second run is still refused, and nothing runs twice."""
+    script = fault_script(
+        """
+HOLD = os.path.join(HERE, "hold")
+
+
+def work(config):
+    record_execution(f"i={config['i']}")
+    while os.path.exists(HOLD):
+        time.sleep(0.02)
+    return {"i": config["i"]}
+
+
+experiment = resweep.Experiment(
+    function=work, configs=[{"i": i} for i in range(4)], output_dir=OUT
+)
+"""
+    )
+    (tmp_path / "hold").touch()
+    first = start_cli(script, "run", "--max-workers", "2", "--noprogress")
+    try:
+        wait_for(lambda: len(executions(script)) >= 2, what="two configs")
+        (tmp_path / "out" / ".lock").unlink()
+        second = run_cli(script, "run", "--noprogress")
+        assert_one_line_error(second, "lock file was removed")
+        (tmp_path / "hold").unlink()
+        assert first.wait(timeout=60) == 0
+    finally:
+        if first.poll() is None:
+            kill_group(first)
+    assert sorted(executions(script)) == [f"i={i}" for i in range(4)]
+
+
+def test_an_int_too_long_to_write_out_is_one_line(fault_script: Callable[[str], Path]) -> None:
+    """A param beyond Python's digit limit for text: refused up front, not a traceback."""
+    script = fault_script(
+        """
+experiment = resweep.Experiment(
+    function=lambda c: None, configs=[{"big": 10**5000}], output_dir=OUT
+)
+"""
+    )
+    assert_one_line_error(run_cli(script, "run", "--noprogress"), "config #0")

@@ -11,7 +11,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import distributed
@@ -21,7 +21,7 @@ from resweep import cache
 from resweep.clock import now_iso
 from resweep.durable import is_write_fault
 from resweep.errors import ResweepError
-from resweep.files import CONFIGS_DIR, WORKERS_DIR, Marker, log_header
+from resweep.files import CONFIGS_DIR, WORKERS_DIR, Marker, log_header, prepare_config_dir
 from resweep.worker import (
     Job,
     Outcome,
@@ -63,9 +63,21 @@ class _Remote:
     # The worker sees the coordinator's output_dir (a shared filesystem): ctx.dir is the real one.
     shared: bool
     report_starts: bool
-    # Where this process says which config it runs, when it sees output_dir: a later run that
-    # finds it still held after this run died stops this process before running that config.
-    marker: Marker | None = None
+    # Where each thread of this process says which config it runs, when it sees output_dir: a
+    # later run that finds one still held after this run died stops this process first.
+    markers: dict[int, Marker] = field(default_factory=dict)
+
+    def marker(self) -> Marker | None:
+        """This thread's marker: a worker with several threads runs several configs at once."""
+        if not self.shared:
+            return None
+        ident = threading.get_ident()
+        marker = self.markers.get(ident)
+        if marker is None:
+            with contextlib.suppress(OSError):
+                name = f"dask-{socket.gethostname()}-{os.getpid()}-{ident}"
+                marker = self.markers[ident] = Marker(Path(self.job.output_dir, WORKERS_DIR), name)
+        return marker
 
 
 # Filled by JobPlugin on every worker, including those that join later (adaptive scaling).
@@ -95,8 +107,8 @@ class JobPlugin(WorkerPlugin):
         with _prepare_lock:
             remote = _prepared.pop(self.token, None)
         if remote is not None:
-            if remote.marker is not None:
-                remote.marker.close()
+            for marker in remote.markers.values():
+                marker.close()
             with contextlib.suppress(Exception):
                 cache.close_cache(remote.scratch)
             shutil.rmtree(remote.scratch, ignore_errors=True)
@@ -138,13 +150,7 @@ def _prepare_remote(token: str) -> _Remote:
         scratch = Path(distributed.get_worker().local_directory, f"{SCRATCH_PREFIX}{token}")
         scratch.mkdir(parents=True, exist_ok=True)
         setup_error = setup_worker(job)
-        shared = _sees_output_dir(job)
-        marker = None
-        if shared:
-            with contextlib.suppress(OSError):
-                name = f"dask-{socket.gethostname()}-{os.getpid()}"
-                marker = Marker(Path(job.output_dir, WORKERS_DIR), name)
-        remote = _Remote(job, setup_error, scratch, shared, report_starts, marker)
+        remote = _Remote(job, setup_error, scratch, _sees_output_dir(job), report_starts)
         _prepared[token] = remote
         return remote
 
@@ -224,7 +230,10 @@ def _execute_remote(
     entries: list[tuple[str, bytes]] = []
     setup_error = remote.setup_error
     try:
-        config_dir.mkdir(parents=True, exist_ok=True)
+        if remote.shared:
+            prepare_config_dir(config_dir)  # refuses a symbolic link, as on this machine
+        else:
+            config_dir.mkdir(parents=True, exist_ok=True)
         if job.cache:
             # The scratch cache holds this config's calls so far: a retry pays only for new ones.
             handle = cache.open_cache(remote.scratch)
@@ -234,13 +243,14 @@ def _execute_remote(
         if is_write_fault(exc):  # the worker's disk failed, not the config
             return faulted(task, start_time, exc), Shipment("", None, [])
         setup_error = f"cannot prepare the config on this worker: {error_line(exc)}"
-    if remote.marker is not None:
-        remote.marker.mark(task.name)
+    marker = remote.marker()
+    if marker is not None:
+        marker.mark(task.name)
     try:
         call = call_config(job, task, config_dir, log, remote.scratch, stats, setup_error)
     finally:
-        if remote.marker is not None:
-            remote.marker.mark("")
+        if marker is not None:
+            marker.mark("")
     if isinstance(call, OSError):
         return faulted(task, start_time, call), Shipment("", None, [])
     ok, result, error, trace = call

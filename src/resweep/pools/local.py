@@ -19,6 +19,7 @@ from resweep.durable import disable_crash_hook
 from resweep.errors import ResweepError
 from resweep.files import WORKERS_DIR, Marker, clear_markers, read_markers
 from resweep.pools.base import PoolStopped, Returned, batch_size, timeout_reason
+from resweep.processes import kill_tree
 from resweep.recovery import settle
 from resweep.worker import (
     Job,
@@ -58,7 +59,7 @@ def _watch_coordinator(coordinator_pid: int) -> None:
     def watch() -> None:
         while os.getppid() == coordinator_pid:
             time.sleep(ORPHAN_CHECK_S)
-        os._exit(0)
+        kill_tree(os.getpid())  # and the config's own subprocesses: nobody will record them
 
     threading.Thread(target=watch, name="resweep-orphan-check", daemon=True).start()
 
@@ -274,8 +275,7 @@ class LocalPool:
         for name, (pid, started) in read_markers(self.markers_dir).items():
             if name in in_flight and now - started > self.timeout_s:
                 self.timed_out.add(name)
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+                kill_tree(pid)  # the config's own subprocesses too: a retry must not overlap them
 
     def _after_break(self, error: BaseException, returned: Returned) -> None:
         """A worker died and took the pool with it: the fate of every config that was out."""
