@@ -129,7 +129,9 @@ def test_a_swallowed_cache_miss_still_fails_the_replay(tmp_path: Path, calls: Pa
     experiment.run(backend="sequential", progress=False)
     KNOBS["suffix"] = "!"
     with pytest.raises(resweep.CacheMiss):
-        experiment.replay()
+        experiment.replay(next(iter(experiment.read_state().configs)))
+    [replay] = experiment.replay()
+    assert replay.kind == "cache miss" and not replay.equal
     assert len(real_calls()) == 1
 
 
@@ -141,7 +143,7 @@ def test_replay_refuses_unknown_and_unfinished_configs(experiment: resweep.Exper
     name = next(iter(state.configs))
     state.configs[name]["status"] = "todo"
     experiment.store.compact(state)
-    with pytest.raises(resweep.ResweepError, match="only done configs can be replayed"):
+    with pytest.raises(resweep.ResweepError, match="only done and failed configs replay"):
         experiment.replay(name)
 
 
@@ -211,13 +213,14 @@ def cli(script: Path, *args: str, mode: str = "") -> subprocess.CompletedProcess
 @pytest.mark.parametrize(
     ("mode", "args", "code", "says"),
     [
-        ("", [], 0, "replayed 2: 2 equal, 0 differ"),
+        ("", [], 0, "replayed 2: 2 equal, 0 differ, 0 cache miss, 0 raised"),
+        ("miss", [], 2, "replayed 2: 0 equal, 0 differ, 2 cache miss, 0 raised"),
         ("", ["--config", "seed=1"], 0, "seed=1: replayed result equals the stored one"),
         ("differ", [], 1, "score: stored 0, replayed 1"),
         ("miss", ["--config", "seed=0"], 2, "CacheMiss: config 'seed=0': call #1 ask('question?')"),
         ("", ["--config", "seed=9"], 2, "no config named 'seed=9'"),
     ],
-    ids=["equal", "one-equal", "differ", "miss", "unknown"],
+    ids=["equal", "all-miss", "one-equal", "differ", "miss", "unknown"],
 )
 def test_cli_replay_exit_status(
     script: Path, mode: str, args: list[str], code: int, says: str
@@ -229,3 +232,83 @@ def test_cli_replay_exit_status(
     assert says in done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     assert (script.parent / "calls.txt").read_text() == calls_before
+
+
+# -- a failed config replays to its exception ------------------------------------------------
+
+FAILING = """\
+import os
+
+import resweep
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@resweep.cached
+def ask(prompt):
+    with open(os.path.join(HERE, "calls.txt"), "a") as handle:
+        handle.write(prompt + "\\n")
+    return "not json"
+
+
+def evaluate(config):
+    import json
+
+    answer = ask(f"question {config['i']}")
+    if config["i"] == 1:
+        return {"parsed": json.loads(answer)}  # the bug being debugged
+    return {"answer": answer}
+
+
+experiment = resweep.Experiment(
+    function=evaluate, configs=[{"i": 0}, {"i": 1}], output_dir=os.path.join(HERE, "out")
+)
+
+if __name__ == "__main__":
+    experiment.run_cli()
+"""
+
+
+@pytest.fixture
+def failing(tmp_path: Path) -> Path:
+    path = tmp_path / "flaky.py"
+    path.write_text(FAILING, encoding="utf-8")
+    ran = cli(path, "run", "--progress=False")
+    assert ran.returncode == 1, ran.stderr
+    return path
+
+
+def test_a_failed_config_replays_to_its_exception_without_a_real_call(failing: Path) -> None:
+    """replay --config of a failed config raises its exception again, from the recorded
+    calls, with a traceback that starts in the user's own file; exit 1."""
+    calls = (failing.parent / "calls.txt").read_text()
+    done = cli(failing, "replay", "--config", "i=1")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "JSONDecodeError" in done.stderr
+    assert f'File "{failing}"' in done.stderr and "json.loads(answer)" in done.stderr
+    assert "fire" not in done.stderr and "resweep/replay.py" not in done.stderr
+    assert (failing.parent / "calls.txt").read_text() == calls
+
+
+def test_replay_pdb_stops_in_the_debugger_at_the_exception(failing: Path) -> None:
+    """--pdb enters the post-mortem debugger where the config raised (driven on stdin)."""
+    done = subprocess.run(
+        [sys.executable, str(failing), "replay", "--config", "i=1", "--pdb"],
+        input="p s\nq\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=failing.parent,
+        check=False,
+    )
+    assert "(Pdb)" in done.stdout
+    assert "'not json'" in done.stdout  # the recorded answer, where json.loads gave up on it
+    assert done.returncode == 1
+
+
+def test_replay_of_everything_with_failed_reports_each_config(failing: Path) -> None:
+    """replay --failed goes through done and failed configs; none stops the others."""
+    done = cli(failing, "replay", "--failed")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "i=1: raised: JSONDecodeError" in done.stdout
+    assert "replayed 2: 1 equal, 0 differ, 0 cache miss, 1 raised" in done.stdout

@@ -42,7 +42,9 @@ class Commands(Protocol):
 
     def config_report(self, name: str) -> dict[str, Any]: ...
 
-    def replay(self, name: str | None = None) -> Replay | list[Replay]: ...
+    def replay(
+        self, name: str | None = None, *, pdb: bool = False, failed: bool = False
+    ) -> Replay | list[Replay]: ...
 
     def save_summary(self, force: bool = False) -> Path: ...
 
@@ -183,19 +185,33 @@ class CLI:
         if warning:
             print(warning)
 
-    def replay(self, config: str | None = None) -> None:
-        """Re-run done configs here with every cached call answered from the cache."""
-        try:
-            outcome = self._experiment.replay(config)
-        except CacheMiss as miss:
-            print(f"CacheMiss: {miss}", file=sys.stderr)
-            _exit(2)
-        replays = outcome if isinstance(outcome, list) else [outcome]
+    def replay(self, config: str | None = None, failed: bool = False, pdb: bool = False) -> None:
+        """Re-run configs here with every cached call answered from the cache: one config, done
+        or failed, or every done one (and failed one, with --failed); --pdb debugs an exception."""
+        if config is not None:
+            try:
+                outcome = self._experiment.replay(str(config), pdb=pdb)
+            except CacheMiss as miss:
+                print(f"CacheMiss: {miss}", file=sys.stderr)
+                _exit(2)
+            except ResweepError:
+                raise  # bad input: one line, exit 2
+            except Exception as error:  # the config's own exception, raised again
+                _print_user_traceback(error)
+                _exit(1)
+            replays = outcome if isinstance(outcome, list) else [outcome]
+        else:
+            found = self._experiment.replay(None, pdb=pdb, failed=failed)
+            replays = found if isinstance(found, list) else [found]
+        kinds = Counter(replay.kind for replay in replays)
         for replay in replays:
-            print(replay.describe())
-        differ = sum(not r.equal for r in replays)
-        print(f"replayed {len(replays)}: {len(replays) - differ} equal, {differ} differ")
-        _exit(1 if differ else 0)
+            if replay.kind != "equal" or config is not None:
+                print(replay.describe())
+        print(
+            f"replayed {len(replays)}: {kinds['equal']} equal, {kinds['differ']} differ, "
+            f"{kinds['cache miss']} cache miss, {kinds['raised']} raised"
+        )
+        _exit(2 if kinds["cache miss"] else 1 if kinds["differ"] or kinds["raised"] else 0)
 
     def force_summary(self) -> None:
         """Write summary.csv now, whatever the configs' statuses."""
@@ -212,6 +228,20 @@ class CLI:
         import yaml
 
         print(yaml.safe_dump(shown, sort_keys=False, allow_unicode=True, width=100).rstrip())
+
+
+def _print_user_traceback(error: BaseException) -> None:
+    """The traceback of a config's own exception, from its own code down: resweep's frames and
+    python-fire's above it say nothing about the config."""
+    import traceback
+
+    tb = error.__traceback__
+    package = os.path.dirname(os.path.abspath(__file__))
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package):
+        tb = tb.tb_next
+    print("Traceback (most recent call last):", file=sys.stderr)
+    print("".join(traceback.format_tb(tb)), end="", file=sys.stderr)
+    print("".join(traceback.format_exception_only(error)), end="", file=sys.stderr)
 
 
 def _is_number(text: str) -> bool:

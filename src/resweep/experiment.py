@@ -178,11 +178,18 @@ class Experiment:
 
         return config_report(self.store, str(name), provenance.fingerprint(self.function))
 
-    def replay(self, name: str | None = None) -> Replay | list[Replay]:
-        """Re-run one done config (or all) here, every cached call answered from the cache."""
+    def replay(
+        self, name: str | None = None, *, pdb: bool = False, failed: bool = False
+    ) -> Replay | list[Replay]:
+        """Re-run one config (or every done one) here, every cached call answered from the cache.
+
+        A failed config replays its last attempt's calls and raises its exception again; pdb
+        stops in the post-mortem debugger at an exception. Without a name every done config
+        (and, with failed, every failed one) replays, each reported in its Replay.
+        """
         from resweep.replay import replay_experiment
 
-        return replay_experiment(self, name)
+        return replay_experiment(self, name, pdb=pdb, failed=failed)
 
     # -- summaries and maintenance -------------------------------------------------------
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from resweep import cache
-from resweep.errors import ResweepError
+from resweep.errors import CacheMiss, ResweepError
 from resweep.files import check_layout
-from resweep.identity import flatten
+from resweep.identity import NamedConfig, flatten
 from resweep.recovery import read_settled
 from resweep.worker import Context, takes_context, to_plain_result
 
@@ -31,12 +31,25 @@ class Replay:
     stored: Any
     differences: list[str]
     cache_hits: int
+    # What the replay raised, if it did: a CacheMiss, or the config's own exception again.
+    error: BaseException | None = None
 
     @property
     def equal(self) -> bool:
-        return not self.differences
+        return self.error is None and not self.differences
+
+    @property
+    def kind(self) -> str:
+        """equal, differ, cache miss or raised: the count it goes under."""
+        if isinstance(self.error, CacheMiss):
+            return "cache miss"
+        if self.error is not None:
+            return "raised"
+        return "differ" if self.differences else "equal"
 
     def describe(self) -> str:
+        if self.error is not None:
+            return f"{self.name}: {self.kind}: {type(self.error).__name__}: {self.error}"
         if self.equal:
             return f"{self.name}: replayed result equals the stored one ({self.cache_hits} cached calls)"
         lines = [f"{self.name}: replayed result differs from the stored one:"]
@@ -66,53 +79,95 @@ def differences(new: Any, old: Any) -> list[str]:
 
 
 class _StderrLog:
-    """During replay, ctx.log and its records go to the terminal of the person debugging."""
+    """During replay, ctx.log and its records go to the terminal of the person debugging,
+    each line prefixed with the config's name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+        prefixed = "".join(f"[{self.name}] {line}" for line in text.splitlines(keepends=True))
+        sys.stderr.write(prefixed)
+        return len(text)
 
     def flush(self) -> None:
         sys.stderr.flush()
 
 
-def replay_experiment(experiment: Declared, name: str | None) -> Replay | list[Replay]:
-    """Re-run done configs in this process; any call missing from the cache raises CacheMiss."""
+def replay_experiment(
+    experiment: Declared,
+    name: str | None,
+    *,
+    failed: bool = False,
+    pdb: bool = False,
+) -> Replay | list[Replay]:
+    """Re-run configs in this process; every cached call answered from the cache, none made.
+
+    With a name: that config, done or failed; a failed one replays its last attempt's calls and
+    raises its exception again. Without: every done config (and failed one, with failed),
+    each reported, none stopping the others. pdb: the post-mortem debugger at an exception.
+    """
     store = experiment.store
     state, _ = read_settled(store)
     check_layout(store.root)  # replay opens the cache: never through a link
     if name is not None:
         record = state.lookup(str(name))
-        if record["status"] != "done":
+        if record["status"] not in ("done", "failed"):
             raise ResweepError(
-                f"config {name!r} is {record['status']}; only done configs can be replayed"
+                f"config {name!r} is {record['status']}; only done and failed configs replay"
             )
         names = [str(name)]
     else:
-        names = [n for n, r in state.configs.items() if r["status"] == "done"]
+        wanted = ("done", "failed") if failed else ("done",)
+        names = [n for n, r in state.configs.items() if r["status"] in wanted]
     named = experiment.named_configs() if experiment.configs is not None else {}
     setup = experiment.setup
     value = setup.common() if setup is not None and setup.common else None
     if setup is not None and setup.per_worker is not None:
         setup.per_worker(value)
-    takes_ctx = takes_context(experiment.function)
-    replays = []
-    for config_name in names:
-        record = state.configs[config_name]
-        config = named[config_name].config if config_name in named else record["params"]
-        stats = cache.CallStats()
-        with tempfile.TemporaryDirectory(prefix=f"resweep-replay-{config_name[:40]}-") as tmp:
-            ctx = Context(
-                name=config_name,
-                config=config,
-                dir=Path(tmp),
-                shared=experiment.context,
-                attempt=record.get("attempts", 1),
-                log_stream=_StderrLog(),
-            )
-            output_dir = store.root if experiment.cache else None
-            with cache.scope(output_dir, config_name, "replay", stats):
-                raw = experiment.function(config, ctx) if takes_ctx else experiment.function(config)
-        result = to_plain_result(raw)
-        stored = record.get("result")
-        replays.append(Replay(config_name, result, stored, differences(result, stored), stats.hits))
+    replays = [
+        _replay_one(experiment, state.configs[n], n, named, pdb=pdb, alone=name is not None)
+        for n in names
+    ]
     return replays[0] if name is not None else replays
+
+
+def _replay_one(
+    experiment: Declared,
+    record: dict[str, Any],
+    name: str,
+    named: dict[str, NamedConfig],
+    *,
+    pdb: bool,
+    alone: bool,
+) -> Replay:
+    config = named[name].config if name in named else record["params"]
+    attempt = record.get("attempts", 1)
+    # A failed attempt's calls were kept apart as its record: the replay reads those.
+    calls = name if record["status"] == "done" else cache.attempt_record(name, attempt)
+    stats = cache.CallStats()
+    stored = record.get("result")
+    with tempfile.TemporaryDirectory(prefix=f"resweep-replay-{name[:40]}-") as tmp:
+        ctx = Context(
+            name=name,
+            config=config,
+            dir=Path(tmp),
+            shared=experiment.context,
+            attempt=attempt,
+            log_stream=_StderrLog(name),
+        )
+        output_dir = experiment.store.root if experiment.cache else None
+        function = experiment.function
+        try:
+            with cache.scope(output_dir, calls, "replay", stats):
+                raw = function(config, ctx) if takes_context(function) else function(config)
+            result = to_plain_result(raw)
+        except Exception as error:
+            if pdb:
+                import pdb as debugger
+
+                debugger.post_mortem(error.__traceback__)
+            if alone:
+                raise  # a CacheMiss, or the config's own exception with its own traceback
+            return Replay(name, None, stored, [], stats.hits, error)
+    return Replay(name, result, stored, differences(result, stored), stats.hits)
