@@ -46,6 +46,41 @@ class RunInfo:
         return self.host == socket.gethostname() and not pid_alive(self.pid)
 
 
+# Filesystems whose locks a process on another host can hold: there a held lock may belong to a
+# run that is gone with its machine, which --break-lock is for.
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
+    "fuse.glusterfs", "fuse.sshfs", "fuse.cephfs", "ocfs2", "gfs2", "afs", "9p", "panfs", "wekafs",
+})  # fmt: skip
+
+
+def filesystem_type(path: Path, mountinfo: str | None = None) -> str | None:
+    """The type of the filesystem path is on, from /proc/self/mountinfo (None: cannot tell)."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return None
+    target = os.path.realpath(path)
+    best, kind = "", None
+    for line in mountinfo.splitlines():
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 5 or not rest:
+            continue
+        mount = parts[4].replace("\\040", " ")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, rest.split()[0]
+    return kind
+
+
+def lock_is_local(path: Path) -> bool:
+    """Whether a held lock on path can only be held by a process of this host (any container)."""
+    kind = filesystem_type(path)
+    return kind is not None and kind not in NETWORK_FILESYSTEMS
+
+
 def local_holders(path: Path) -> set[int] | None:
     """The pids of processes on this host that hold a lock on path, from /proc/locks.
 
@@ -114,7 +149,9 @@ def hold(root: Path, *, break_lock: bool = False) -> Iterator[RunInfo]:
             ) from None
         living = local_holders(lock_path)
         here = found is not None and found.host == socket.gethostname()
-        if living or here or (living is None and found is None):
+        # On a local filesystem only a process of this host (in any container or PID namespace,
+        # which /proc/locks may hide) can hold the lock: it is alive, since flock dies with it.
+        if living or here or lock_is_local(lock_path) or (living is None and found is None):
             # flock dies with its holder: a lock held on this host has a living holder, whatever
             # side files say. Where the kernel cannot say who holds it, nothing is broken.
             pid = found.pid if found is not None else min(living or {0})
