@@ -17,6 +17,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import same
 from resweep import identity
 from resweep.encoding import decode_flow, encode_flow, encode_line
 from resweep.state import State, dump_state, parse_state
@@ -39,21 +40,6 @@ characters = st.characters(exclude_categories=["Cs"])
 texts = st.text(characters, max_size=12)
 keys = st.text(characters, max_size=6)
 scalars = st.none() | st.booleans() | ints | floats | texts
-
-
-def same(a: Any, b: Any) -> bool:
-    """Equality that treats NaN as equal to itself and keeps int, float, bool and -0.0 apart."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, float):
-        return (math.isnan(a) and math.isnan(b)) or (
-            a == b and math.copysign(1, a) == math.copysign(1, b)
-        )
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    return bool(a == b)
 
 
 def plain_data(leaves: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:

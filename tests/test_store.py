@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 import resweep
-from conftest import Config
+from conftest import Config, same
 from resweep import clock, durable, encoding, files, store
 from resweep import state as statefile
 from resweep.errors import LockedError, StateError
@@ -73,21 +73,6 @@ TRICKY_VALUES: list[Any] = [
     {},
     [[], {}],
 ]
-
-
-def same(a: Any, b: Any) -> bool:
-    """Equality that treats NaN as equal to itself and keeps int, float and bool apart."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, float):
-        return (math.isnan(a) and math.isnan(b)) or (
-            a == b and math.copysign(1, a) == math.copysign(1, b)
-        )
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    return bool(a == b)
 
 
 @pytest.mark.parametrize("value", TRICKY_VALUES, ids=repr)

@@ -54,6 +54,28 @@ def read_state(script: Path) -> dict[str, dict[str, object]]:
     return configs
 
 
+# Configs that wait while the file "hold" exists: the test decides when they may finish.
+HOLDING = """
+HOLD = os.path.join(HERE, "hold")
+
+
+def work(config):
+    record_execution(f"i={config['i']}")
+    while os.path.exists(HOLD):
+        time.sleep(0.02)
+    return {"i": config["i"]}
+
+
+experiment = resweep.Experiment(
+    function=work, configs=[{"i": i} for i in range(N_CONFIGS)], output_dir=OUT
+)
+"""
+
+
+def holding_script(fault_script: Callable[[str], Path], n_configs: int) -> Path:
+    return fault_script(f"N_CONFIGS = {n_configs}\n" + HOLDING)
+
+
 def overlaps(script: Path) -> list[str]:
     path = script.parent / "overlaps.txt"
     return path.read_text().splitlines() if path.exists() else []
@@ -171,23 +193,7 @@ def test_break_lock_refuses_a_live_runner_whose_run_json_is_gone(
     fault_script: Callable[[str], Path],
 ) -> None:
     """A lock held by a living process on this host is never broken, run.json or not."""
-    script = fault_script(
-        """
-HOLD = os.path.join(HERE, "hold")
-
-
-def work(config):
-    record_execution(f"i={config['i']}")
-    while os.path.exists(HOLD):
-        time.sleep(0.02)
-    return {"i": config["i"]}
-
-
-experiment = resweep.Experiment(
-    function=work, configs=[{"i": i} for i in range(6)], output_dir=OUT
-)
-"""
-    )
+    script = holding_script(fault_script, 6)
     (script.parent / "hold").touch()
     first = start_cli(script, "run", "--max-workers", "2", "--noprogress")
     try:
@@ -709,23 +715,7 @@ def test_a_run_whose_lock_file_was_removed_keeps_the_experiment(
     fault_script: Callable[[str], Path], tmp_path: Path
 ) -> None:
     """rm .lock under a live run: a second run is still refused, and nothing runs twice."""
-    script = fault_script(
-        """
-HOLD = os.path.join(HERE, "hold")
-
-
-def work(config):
-    record_execution(f"i={config['i']}")
-    while os.path.exists(HOLD):
-        time.sleep(0.02)
-    return {"i": config["i"]}
-
-
-experiment = resweep.Experiment(
-    function=work, configs=[{"i": i} for i in range(4)], output_dir=OUT
-)
-"""
-    )
+    script = holding_script(fault_script, 4)
     (tmp_path / "hold").touch()
     first = start_cli(script, "run", "--max-workers", "2", "--noprogress")
     try:
