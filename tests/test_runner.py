@@ -577,3 +577,34 @@ def test_an_experiment_that_cannot_travel_to_workers_is_one_clear_error(
     assert experiment.status() == {"todo": 2, "running": 0, "done": 0, "failed": 0}
     # The threads backend shares this process: the same experiment runs there.
     assert experiment.run(2, backend="threading", progress=False).done == 2
+
+
+@pytest.mark.parametrize("backend", ["loky", "dask", "threading"])
+def test_a_traceback_from_a_worker_shows_the_script_s_file_line_and_source(
+    tmp_path: Path, backend: str
+) -> None:
+    """exception.txt names the script's real path and shows its source lines on every backend,
+    not the "<dynamic-code>" of a function sent by value."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "exp.py"
+    script.write_text(
+        "import resweep\n"
+        "def helper(x):\n"
+        "    raise ValueError('boom')\n"
+        "def work(config):\n"
+        "    helper(config['i'])\n"
+        "experiment = resweep.Experiment(function=work, configs=[{'i': 1}], output_dir='out')\n"
+        "if __name__ == '__main__':\n"
+        "    experiment.run_cli()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), "run", "--noprogress", "--backend", backend],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    trace = (tmp_path / "out" / "configs" / "i=1" / "exception.txt").read_text()
+    assert f'File "{script}", line 3, in helper' in trace
+    assert "raise ValueError('boom')" in trace
+    assert "<dynamic-code>" not in trace

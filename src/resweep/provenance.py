@@ -123,7 +123,7 @@ def new_session(
     function: Callable[..., Any], *, backend: str, max_workers: int
 ) -> tuple[str, dict[str, Any]]:
     """A new session id and its provenance record; the runner sets end_time when it stops."""
-    source = _source_file(function)
+    source = source_file(function)
     record: dict[str, Any] = {
         "start_time": now_iso(),
         "end_time": None,
@@ -183,7 +183,7 @@ def _target(function: Callable[..., Any]) -> Any:
     return target
 
 
-def _source_file(function: Callable[..., Any]) -> Path | None:
+def source_file(function: Callable[..., Any]) -> Path | None:
     try:
         file = inspect.getsourcefile(_target(function))
     except TypeError:

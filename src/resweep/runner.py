@@ -596,6 +596,7 @@ def _run_pool(
         coordinator_pid=os.getpid(),
         session=session,
         fingerprint=fingerprint,
+        source_file=str(provenance.source_file(experiment.function) or "") or None,
         stop_file=os.path.join(store.root, WORKERS_DIR, STOP_FILE),
     )
     writer = StateWriter(store, state)

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import traceback
+import types
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ class Job:
     markers_dir: str | None = None
     # While this file exists the run is stopping: workers start no further config.
     stop_file: str | None = None
+    # The file the function is in: code sent by value from a script says "<dynamic-code>" for
+    # its file on the other side, which worker_paths puts right.
+    source_file: str | None = None
     # Recorded with every done config: which run session and which code produced it.
     session: str | None = None
     fingerprint: str | None = None
@@ -415,11 +419,50 @@ def pickle_job(job: Job) -> bytes:
     return blob
 
 
+_DYNAMIC_CODE = "<dynamic-code>"
+
+
+def _with_filename(code: types.CodeType, path: str) -> types.CodeType:
+    consts = tuple(
+        _with_filename(c, path) if isinstance(c, types.CodeType) else c for c in code.co_consts
+    )
+    return code.replace(co_filename=path, co_consts=consts)
+
+
+def restore_source_paths(job: Job) -> None:
+    """Give the script's functions, unpickled by value in a worker, their file back, so that a
+    traceback there shows the script's path, line and source as it does in the coordinator."""
+    path = job.source_file
+    if path is None:
+        return
+    seen: set[int] = set()
+    stack: list[Any] = [job.function, job.per_worker]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, types.FunctionType):
+            if item.__code__.co_filename != _DYNAMIC_CODE:
+                continue
+            item.__code__ = _with_filename(item.__code__, path)
+            # The script's other functions and classes, which the function may call.
+            stack.extend(
+                v for v in item.__globals__.values() if isinstance(v, type | types.FunctionType)
+            )
+        elif isinstance(item, type) and item.__module__ == getattr(
+            job.function, "__module__", None
+        ):
+            stack.extend(vars(item).values())
+
+
 def setup_worker(job: Job) -> str | None:
     """Run per_worker once in a process that runs configs, the same way under every backend.
 
     Returns the error every config of this process then fails with, or None.
     """
+    with contextlib.suppress(Exception):  # a nicer traceback is not worth failing a run for
+        restore_source_paths(job)
     if job.per_worker is None:
         return None
     try:
