@@ -312,3 +312,44 @@ def test_replay_of_everything_with_failed_reports_each_config(failing: Path) -> 
     assert done.returncode == 1, done.stdout + done.stderr
     assert "i=1: raised: JSONDecodeError" in done.stdout
     assert "replayed 2: 1 equal, 0 differ, 0 cache miss, 1 raised" in done.stdout
+
+
+# -- a shareable cache ----------------------------------------------------------------------------
+
+
+@resweep.cached
+def structured(kind: str) -> Any:
+    """JSON-shaped answers are stored as JSON text; a tuple only a pickle keeps exactly."""
+    return ("a", 1) if kind == "tuple" else {"text": "plain", "score": 0.5, "tags": ["x"]}
+
+
+def shape(config: dict[str, str]) -> dict[str, Any]:
+    answer = structured(config["kind"])
+    return {"answer": list(answer) if isinstance(answer, tuple) else answer}
+
+
+def test_a_copied_cache_replays_json_answers_and_refuses_pickles_with_no_pickle(
+    tmp_path: Path,
+) -> None:
+    """A result directory shared with someone replays with allow_pickle=False as far as its
+    answers are JSON, readable with sqlite3; an answer stored as a pickle is refused."""
+    import shutil
+    import sqlite3
+
+    configs = [{"kind": "json"}, {"kind": "tuple"}]
+    resweep.Experiment(function=shape, configs=configs, output_dir=tmp_path / "mine").run(
+        backend="sequential", progress=False
+    )
+    shutil.copytree(tmp_path / "mine", tmp_path / "theirs")
+    theirs = resweep.Experiment(function=shape, configs=configs, output_dir=tmp_path / "theirs")
+    rows = sqlite3.connect(tmp_path / "theirs" / "cache" / "cache.db").execute(
+        "SELECT value FROM Cache"
+    )
+    values = [value for (value,) in rows]
+    assert '{"text": "plain", "score": 0.5, "tags": ["x"]}' in values  # readable as it is
+    assert theirs.replay("kind=json", allow_pickle=False).equal
+    with pytest.raises(resweep.ResweepError, match="recorded as a pickle"):
+        theirs.replay("kind=tuple", allow_pickle=False)
+    every = theirs.replay(allow_pickle=False)
+    assert sorted(r.kind for r in every) == ["equal", "raised"]
+    assert all(r.equal for r in theirs.replay())  # with pickles allowed, both replay

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
 
 from resweep.durable import WriteFault
-from resweep.errors import CacheKeyError, CacheMiss, ResweepError, StateError
+from resweep.errors import CacheKeyError, CacheMiss, PickleRefused, ResweepError, StateError
 
 CacheMode = Literal["record", "replay"]
+# Recorded calls as (key, stored answer), the answer JSON text or a pickle: what travels.
+Calls = list[tuple[str, bytes | str]]
 CACHE_DIR = "cache"
 F = TypeVar("F", bound=Callable[..., Any])
 _MISSING = object()
@@ -57,6 +59,8 @@ class _Scope:
     mode: CacheMode
     stats: CallStats
     counts: dict[str, int] = field(default_factory=dict)
+    # False: a recorded pickle is refused, not loaded (a result directory from someone else).
+    allow_pickle: bool = True
     # Threads started with a copied context share this scope.
     lock: threading.Lock = field(default_factory=threading.Lock)
     handle: Any = None
@@ -123,10 +127,15 @@ def close_caches() -> None:
 
 @contextlib.contextmanager
 def scope(
-    output_dir: str | os.PathLike[str] | None, config: str, mode: CacheMode, stats: CallStats
+    output_dir: str | os.PathLike[str] | None,
+    config: str,
+    mode: CacheMode,
+    stats: CallStats,
+    *,
+    allow_pickle: bool = True,
 ) -> Iterator[CallStats]:
     """Make cached calls inside this block belong to one config's cache (None: caching off)."""
-    token = _scope.set(_Scope(output_dir, config, mode, stats))
+    token = _scope.set(_Scope(output_dir, config, mode, stats, allow_pickle=allow_pickle))
     try:
         yield stats
     except BaseException as error:
@@ -217,8 +226,8 @@ def close_cache(output_dir: str | os.PathLike[str]) -> None:
         handle.close()
 
 
-def calls_of(handle: Any, config: str) -> list[tuple[str, bytes]]:
-    """Every call recorded for one config, as (key, pickled answer), in key order."""
+def calls_of(handle: Any, config: str) -> Calls:
+    """Every call recorded for one config, as (key, stored answer: JSON text or a pickle)."""
     # diskcache has no public lookup by tag; its tag column is indexed (tag_index=True).
     rows = handle._sql("SELECT key FROM Cache WHERE tag = ? AND raw = 1", (config,)).fetchall()
     entries = []
@@ -235,7 +244,7 @@ def tags(handle: Any) -> set[str]:
     return {tag for (tag,) in rows if isinstance(tag, str)}
 
 
-def add_calls(handle: Any, config: str, entries: list[tuple[str, bytes]]) -> None:
+def add_calls(handle: Any, config: str, entries: Calls) -> None:
     """Store calls recorded elsewhere (on a Dask worker) as config's own."""
     if not entries:
         return
@@ -420,6 +429,13 @@ def call_cached(
     if blob is not _MISSING:
         with current.lock:
             current.stats.hits += 1
+        if isinstance(blob, str):
+            return json.loads(blob)  # stored as JSON: plain data, safe to read from anyone
+        if not current.allow_pickle:
+            raise PickleRefused(
+                f"config {current.config!r}: call #{n} {_preview(fn_name, args, kwargs)} was "
+                "recorded as a pickle, which allow_pickle=False (--no-pickle) refuses to load"
+            )
         return pickle.loads(blob)
     if current.mode == "replay":
         _release(current, key, n)
@@ -435,9 +451,12 @@ def call_cached(
         _release(current, key, n)  # a call that raises is not recorded and takes no slot
         raise
     try:
-        # Pickled here rather than by diskcache, which stores floats raw and SQLite turns NaN
-        # into NULL; and so that an unpicklable answer gets a clear error.
-        blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        # JSON where it holds the value exactly (readable with sqlite3, safe to share); else
+        # pickled here rather than by diskcache, which stores floats raw and SQLite turns NaN
+        # into NULL, and so that an unpicklable answer gets a clear error.
+        blob = _json_text(value)
+        if blob is None:
+            blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as error:
         _release(current, key, n)
         raise ResweepError(
@@ -452,6 +471,31 @@ def call_cached(
     with current.lock:
         current.stats.misses += 1
     return value
+
+
+def _exact_json(value: Any) -> bool:
+    """Whether json.loads(json.dumps(value)) gives value back, types and all."""
+    kind = type(value)
+    if kind is str or kind is bool or kind is int or value is None:
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    if kind is list:
+        return all(map(_exact_json, value))
+    if kind is dict:
+        return all(type(k) is str and _exact_json(v) for k, v in value.items())
+    return False
+
+
+def _json_text(value: Any) -> str | None:
+    """The value as JSON text when JSON holds it exactly, else None (it is pickled)."""
+    try:
+        text = json.dumps(value, ensure_ascii=False) if _exact_json(value) else None
+        if text is not None:
+            text.encode()  # SQLite keeps text as UTF-8: a lone surrogate goes to pickle
+        return text
+    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+        return None
 
 
 def _database_error() -> type[Exception]:

@@ -43,7 +43,12 @@ class Commands(Protocol):
     def config_report(self, name: str) -> dict[str, Any]: ...
 
     def replay(
-        self, name: str | None = None, *, pdb: bool = False, failed: bool = False
+        self,
+        name: str | None = None,
+        *,
+        pdb: bool = False,
+        allow_pickle: bool = True,
+        failed: bool = False,
     ) -> Replay | list[Replay]: ...
 
     def save_summary(self, force: bool = False) -> Path: ...
@@ -185,12 +190,18 @@ class CLI:
         if warning:
             print(warning)
 
-    def replay(self, config: str | None = None, failed: bool = False, pdb: bool = False) -> None:
+    def replay(
+        self,
+        config: str | None = None,
+        failed: bool = False,
+        pdb: bool = False,
+        no_pickle: bool = False,
+    ) -> None:
         """Re-run configs here with every cached call answered from the cache: one config, done
         or failed, or every done one (and failed one, with --failed); --pdb debugs an exception."""
         if config is not None:
             try:
-                outcome = self._experiment.replay(str(config), pdb=pdb)
+                outcome = self._experiment.replay(str(config), pdb=pdb, allow_pickle=not no_pickle)
             except CacheMiss as miss:
                 print(f"CacheMiss: {miss}", file=sys.stderr)
                 _exit(2)
@@ -201,7 +212,9 @@ class CLI:
                 _exit(1)
             replays = outcome if isinstance(outcome, list) else [outcome]
         else:
-            found = self._experiment.replay(None, pdb=pdb, failed=failed)
+            found = self._experiment.replay(
+                None, pdb=pdb, failed=failed, allow_pickle=not no_pickle
+            )
             replays = found if isinstance(found, list) else [found]
         kinds = Counter(replay.kind for replay in replays)
         for replay in replays:

@@ -31,6 +31,10 @@ class CacheMiss(ResweepError):
     """A replayed config made a cached call that was never recorded."""
 
 
+class PickleRefused(ResweepError):
+    """A replay with allow_pickle=False met a cached answer stored as a pickle."""
+
+
 class CacheKeyError(ResweepError):
     """A cached call has an argument that has no canonical, process-independent encoding."""
 

@@ -179,17 +179,24 @@ class Experiment:
         return config_report(self.store, str(name), provenance.fingerprint(self.function))
 
     def replay(
-        self, name: str | None = None, *, pdb: bool = False, failed: bool = False
+        self,
+        name: str | None = None,
+        *,
+        pdb: bool = False,
+        allow_pickle: bool = True,
+        failed: bool = False,
     ) -> Replay | list[Replay]:
         """Re-run one config (or every done one) here, every cached call answered from the cache.
 
         A failed config replays its last attempt's calls and raises its exception again; pdb
         stops in the post-mortem debugger at an exception. Without a name every done config
         (and, with failed, every failed one) replays, each reported in its Replay.
+        allow_pickle=False loads no pickled answer (a result directory from someone else):
+        answers stored as JSON replay, one stored as a pickle is refused.
         """
         from resweep.replay import replay_experiment
 
-        return replay_experiment(self, name, pdb=pdb, failed=failed)
+        return replay_experiment(self, name, pdb=pdb, failed=failed, allow_pickle=allow_pickle)
 
     # -- summaries and maintenance -------------------------------------------------------
 

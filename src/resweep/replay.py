@@ -100,6 +100,7 @@ def replay_experiment(
     *,
     failed: bool = False,
     pdb: bool = False,
+    allow_pickle: bool = True,
 ) -> Replay | list[Replay]:
     """Re-run configs in this process; every cached call answered from the cache, none made.
 
@@ -126,7 +127,15 @@ def replay_experiment(
     if setup is not None and setup.per_worker is not None:
         setup.per_worker(value)
     replays = [
-        _replay_one(experiment, state.configs[n], n, named, pdb=pdb, alone=name is not None)
+        _replay_one(
+            experiment,
+            state.configs[n],
+            n,
+            named,
+            pdb=pdb,
+            alone=name is not None,
+            allow_pickle=allow_pickle,
+        )
         for n in names
     ]
     return replays[0] if name is not None else replays
@@ -140,6 +149,7 @@ def _replay_one(
     *,
     pdb: bool,
     alone: bool,
+    allow_pickle: bool,
 ) -> Replay:
     config = named[name].config if name in named else record["params"]
     attempt = record.get("attempts", 1)
@@ -159,7 +169,7 @@ def _replay_one(
         output_dir = experiment.store.root if experiment.cache else None
         function = experiment.function
         try:
-            with cache.scope(output_dir, calls, "replay", stats):
+            with cache.scope(output_dir, calls, "replay", stats, allow_pickle=allow_pickle):
                 raw = function(config, ctx) if takes_context(function) else function(config)
             result = to_plain_result(raw)
         except Exception as error:

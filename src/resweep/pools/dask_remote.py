@@ -49,7 +49,7 @@ class Shipment:
     # The traceback for exception.txt, when the config raised.
     trace: str | None
     # Calls this attempt recorded that the coordinator's cache does not hold yet: (key, answer).
-    entries: list[tuple[str, bytes]]
+    entries: cache.Calls
 
 
 @dataclass
@@ -188,7 +188,7 @@ class _TextLog(io.TextIOBase):
 
 
 def run_remote(
-    token: str, tasks: list[Task], recorded: dict[str, list[tuple[str, bytes]]]
+    token: str, tasks: list[Task], recorded: dict[str, cache.Calls]
 ) -> list[tuple[Outcome, Shipment]]:
     """Run a batch of configs on a Dask worker; what they leave travels back with the outcomes.
 
@@ -211,9 +211,7 @@ def run_remote(
     return shipped
 
 
-def _execute_remote(
-    remote: _Remote, task: Task, recorded: list[tuple[str, bytes]]
-) -> tuple[Outcome, Shipment]:
+def _execute_remote(remote: _Remote, task: Task, recorded: cache.Calls) -> tuple[Outcome, Shipment]:
     """Run one config in the worker's scratch; nothing under output_dir but ctx.dir when shared."""
     job = remote.job
     start_time = now_iso()
@@ -227,7 +225,7 @@ def _execute_remote(
     log = _TextLog(task.attempt)
     stats = cache.CallStats()
     handle = None
-    entries: list[tuple[str, bytes]] = []
+    entries: cache.Calls = []
     setup_error = remote.setup_error
     try:
         if remote.shared:
