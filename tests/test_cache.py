@@ -547,3 +547,10 @@ def test_async_functions_cannot_be_decorated() -> None:
 
     with pytest.raises(TypeError, match="it is async"):
         resweep.cached(fetch)
+
+
+def test_reuse_calls_without_retry_failed_is_refused(tmp_path: Path) -> None:
+    """--reuse-calls only answers retried failed configs: alone it is a clear error, not a no-op."""
+    experiment = experiment_of(tmp_path, three_asks, [Config("a")])
+    with pytest.raises(resweep.ResweepError, match="goes with --retry-failed"):
+        experiment.run(reuse_calls=True, progress=False)

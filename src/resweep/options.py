@@ -45,6 +45,11 @@ class RunOptions:
             )
         if self.only is not None and not isinstance(self.only, str):
             object.__setattr__(self, "only", str(self.only))
+        if self.reuse_calls and not self.retry_failed:
+            raise ResweepError(
+                "reuse_calls answers retried failed configs from their failed attempt's calls; "
+                "it goes with --retry-failed (retry_failed=True)"
+            )
         if self.backend != "dask" and self.scheduler is not None:
             raise ResweepError(
                 f"a scheduler address is for the dask backend, not {self.backend!r}; "

@@ -141,7 +141,9 @@ def run_batch(payload: tuple[str, Any], tasks: list[Task]) -> list[Outcome]:
 
 def worker_started() -> None:
     """A loky worker's initializer: unpickling it imports this module while the coordinator
-    still prepares the run."""
+    still prepares the run. From its start, a worker leaves Ctrl-C to the coordinator, which
+    lets running configs finish: a terminal sends it to every worker too, prepared or not."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # -- coordinator side ----------------------------------------------------------------------
