@@ -410,7 +410,7 @@ def call_cached(
     if current.output_dir is None:
         if current.mode == "replay":
             miss = CacheMiss(
-                f"config {current.config!r}: {_preview(fn_name, args, kwargs)} cannot be "
+                f"config {_shown(current.config)}: {_preview(fn_name, args, kwargs)} cannot be "
                 "replayed: the experiment has cache=False, so no call was recorded"
             )
             current.stats.miss = current.stats.miss or miss
@@ -433,14 +433,14 @@ def call_cached(
             return json.loads(blob)  # stored as JSON: plain data, safe to read from anyone
         if not current.allow_pickle:
             raise PickleRefused(
-                f"config {current.config!r}: call #{n} {_preview(fn_name, args, kwargs)} was "
+                f"config {_shown(current.config)}: call #{n} {_preview(fn_name, args, kwargs)} was "
                 "recorded as a pickle, which allow_pickle=False (--no-pickle) refuses to load"
             )
         return pickle.loads(blob)
     if current.mode == "replay":
         _release(current, key, n)
         miss = CacheMiss(
-            f"config {current.config!r}: call #{n} {_preview(fn_name, args, kwargs)} "
+            f"config {_shown(current.config)}: call #{n} {_preview(fn_name, args, kwargs)} "
             "was never recorded; replay makes no real call"
         )
         current.stats.miss = current.stats.miss or miss
@@ -496,6 +496,12 @@ def _json_text(value: Any) -> str | None:
         return text
     except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
         return None
+
+
+def _shown(config: str) -> str:
+    """A config as a message names it: a failed attempt's record as 'name' (attempt N)."""
+    name, _, attempt = config.partition(_ATTEMPT_SEPARATOR)
+    return f"{name!r} (attempt {attempt})" if attempt else repr(name)
 
 
 def _database_error() -> type[Exception]:

@@ -741,3 +741,28 @@ experiment = resweep.Experiment(
 """
     )
     assert_one_line_error(run_cli(script, "run", "--noprogress"), "config #0")
+
+
+def test_a_timeout_counts_only_the_attempts_that_ran(fault_script: Callable[[str], Path]) -> None:
+    """A worker killed at a timeout takes queued configs down with it: they did not run, so
+    their attempt is not counted; each config's attempts are exactly 1 + retries."""
+    script = fault_script(
+        """
+def work(config):
+    record_execution(f"i={config['i']}")
+    time.sleep(30)
+
+
+experiment = resweep.Experiment(
+    function=work, configs=[{"i": i} for i in range(3)], output_dir=OUT, timeout_s=0.5,
+    retries=1,
+)
+"""
+    )
+    proc = run_cli(script, "run", "--noprogress", "--max-workers", "1", timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    state = read_state(script)
+    assert {r["status"] for r in state.values()} == {"failed"}
+    runs = {name: executions(script).count(name) for name in state}
+    assert runs == {"i=0": 2, "i=1": 2, "i=2": 2}
+    assert {name: r["attempts"] for name, r in state.items()} == runs

@@ -312,7 +312,9 @@ class LocalPool:
                 returned.failed.append((task, death_reason(error)))
             elif task.name in running and not timeouts:
                 returned.suspects.append((task, {"status": "todo"}))
-            else:  # queued behind the dead worker, or killed with it: simply run again
+            elif settled.fate == "not_started":  # queued behind the dead worker: no attempt
+                returned.again.append((task, settled.fields))
+            else:  # killed with it while it ran: that attempt happened; run it again
                 returned.again.append((task, {"status": "todo"}))
         explained = timeouts or culprit is not None or bool(executing)
         self.timed_out.clear()
