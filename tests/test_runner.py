@@ -608,3 +608,28 @@ def test_a_traceback_from_a_worker_shows_the_script_s_file_line_and_source(
     assert f'File "{script}", line 3, in helper' in trace
     assert "raise ValueError('boom')" in trace
     assert "<dynamic-code>" not in trace
+
+
+@pytest.mark.parametrize("backend", ["sequential", "threading", "loky"])
+def test_fail_fast_hands_out_nothing_after_the_first_failure(tmp_path: Path, backend: str) -> None:
+    """run(fail_fast=True), pytest's -x: after the first failed config nothing new starts,
+    what runs finishes, the rest stays todo with no attempt used."""
+
+    def second_fails(config: dict[str, int]) -> dict[str, int]:
+        if config["i"] == 1:
+            raise ValueError("broken")
+        return {"i": config["i"]}
+
+    experiment = resweep.Experiment(
+        function=second_fails, configs=[{"i": i} for i in range(8)], output_dir=tmp_path / "out"
+    )
+    report = experiment.run(1, backend=backend, fail_fast=True, progress=False)
+    assert report.failed == 1 and report.exit_code == 1
+    state = experiment.read_state().configs
+    assert state["i=1"]["status"] == "failed"
+    assert state["i=0"]["status"] == "done"
+    later = [state[f"i={i}"] for i in range(2, 8)]
+    assert {r["status"] for r in later} == {"todo"}
+    assert {r["attempts"] for r in later} == {0}
+    # Without it, the next run takes every config that is left.
+    assert experiment.run(1, backend=backend, progress=False).done == 7

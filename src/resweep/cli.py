@@ -110,6 +110,7 @@ class CLI:
         rerun_changed: bool = False,
         break_lock: bool = False,
         progress: bool = True,
+        fail_fast: bool = False,
     ) -> None:
         """Run every config that is not done; Ctrl-C saves and stops (exit 130)."""
         options = RunOptions(
@@ -123,6 +124,7 @@ class CLI:
             rerun_changed=rerun_changed,
             break_lock=break_lock,
             progress=progress,
+            fail_fast=fail_fast,
         )
         if dry_run:
             print(

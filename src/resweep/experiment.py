@@ -114,6 +114,7 @@ class Experiment:
         break_lock: bool = False,
         scheduler: str | None = None,
         rerun_changed: bool = False,
+        fail_fast: bool = False,
     ) -> RunReport:
         """Run every todo config (and failed ones with retry_failed); resumable at any point.
 
@@ -135,6 +136,7 @@ class Experiment:
             break_lock=break_lock,
             scheduler=scheduler,
             rerun_changed=rerun_changed,
+            fail_fast=fail_fast,
         )
         return self.run_with(options)
 

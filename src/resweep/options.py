@@ -31,6 +31,8 @@ class RunOptions:
     scheduler: str | None = None
     # Also run done configs whose code fingerprint differs from the current code.
     rerun_changed: bool = False
+    # Stop handing out configs after the first one that fails (pytest's -x).
+    fail_fast: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

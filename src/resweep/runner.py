@@ -204,8 +204,12 @@ class Scheduler:
         *,
         retries: int,
         progress: bool,
+        fail_fast: bool = False,
     ) -> None:
         self.job = job
+        self.fail_fast = fail_fast
+        # Set by the first failure under fail_fast: no further config is handed out.
+        self.halted = False
         self.pending: deque[Task] = deque(tasks)
         # Configs that were running when a worker died: each re-runs alone to find the culprit.
         self.suspects: deque[Task] = deque()
@@ -265,7 +269,7 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         """Keep the pool full; a suspect travels alone, and alone in the pool where fates are shared."""
-        if self.stop.requested or self.fault is not None:
+        if self.stop.requested or self.fault is not None or self.halted:
             return
         pool = self.pool
         batches: list[list[Task]] = []
@@ -305,6 +309,10 @@ class Scheduler:
         else:
             fields["status"] = "failed"
             self.failed += 1
+            if self.fail_fast and not self.halted:
+                # Like the first Ctrl-C: nothing new starts, running configs finish.
+                self.halted = True
+                request_stop(self.job.output_dir)
         self.writer.update(task.name, fields)
 
     def absorb(self, returned: Returned) -> None:
@@ -391,7 +399,7 @@ class Scheduler:
                         returned = self.pool.wait(
                             SYNC_EVERY_S if self.unsynced else POLL_S,
                             self.in_flight,
-                            stopping=self.stop.requested,
+                            stopping=self.stop.requested or self.halted,
                         )
                     except PoolStopped:
                         break
@@ -417,7 +425,7 @@ class Scheduler:
     def _finished_cleanly(self) -> bool:
         """Every config ran and was recorded: no stop, no storage fault, nothing in flight."""
         return not (self.in_flight or self.pending or self.suspects) and not (
-            self.fault is not None or self.stop.requested
+            self.fault is not None or self.stop.requested or self.halted
         )
 
     def _settle_in_flight(self) -> None:
@@ -598,6 +606,8 @@ def _run_pool(
         fingerprint=fingerprint,
         source_file=str(provenance.source_file(experiment.function) or "") or None,
         stop_file=os.path.join(store.root, WORKERS_DIR, STOP_FILE),
+        fail_fast=options.fail_fast,
+        retries=experiment.retries,
     )
     writer = StateWriter(store, state)
     try:
@@ -609,6 +619,7 @@ def _run_pool(
             pool,
             retries=experiment.retries,
             progress=options.progress,
+            fail_fast=options.fail_fast,
         )
         with routed_output():
             scheduler.run()

@@ -56,6 +56,9 @@ class Job:
     markers_dir: str | None = None
     # While this file exists the run is stopping: workers start no further config.
     stop_file: str | None = None
+    # fail_fast: a config that fails for good (no retry left) makes the stop file at once.
+    fail_fast: bool = False
+    retries: int = 0
     # The file the function is in: code sent by value from a script says "<dynamic-code>" for
     # its file on the other side, which worker_paths puts right.
     source_file: str | None = None

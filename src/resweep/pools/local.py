@@ -17,7 +17,7 @@ from typing import Any
 
 from resweep.durable import disable_crash_hook
 from resweep.errors import ResweepError
-from resweep.files import WORKERS_DIR, Marker, clear_markers, read_markers
+from resweep.files import WORKERS_DIR, Marker, clear_markers, read_markers, request_stop
 from resweep.pools.base import PoolStopped, Returned, batch_size, timeout_reason
 from resweep.processes import kill_tree
 from resweep.recovery import settle
@@ -135,7 +135,13 @@ def run_batch(payload: tuple[str, Any], tasks: list[Task]) -> list[Outcome]:
         if stopped:
             outcomes.append(not_started(task))
             continue
-        outcomes.append(execute(job, task, setup_error, marker))
+        outcome = execute(job, task, setup_error, marker)
+        outcomes.append(outcome)
+        if job.fail_fast and not outcome.ok and task.failures >= job.retries:
+            # Stop at once, not when the coordinator hears of it: configs queued behind this
+            # one, here or on another worker, must not start.
+            request_stop(job.output_dir)
+            stopped = True
     return outcomes
 
 
