@@ -331,7 +331,8 @@ def test_retry_failed_asks_afresh_reuse_calls_answers_from_the_failed_attempt(
 def test_an_interrupted_attempt_is_not_a_failure_its_calls_are_reused(
     tmp_path: Path, calls: Path
 ) -> None:
-    """Calls of an attempt cut off before it ended stay live: the next attempt pays nothing twice."""
+    """A call left recorded under the config, as an attempt cut off mid-way leaves it, answers the
+    next attempt (test_config_killed_between_calls... kills a real worker for the same rule)."""
     experiment = experiment_of(tmp_path, three_asks, [Config("a")])
     out = tmp_path / "out"
     with cache.scope(out, "a", "record", cache.CallStats()):

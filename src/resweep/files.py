@@ -131,6 +131,7 @@ def write_result(config_dir: str | os.PathLike[str], stored: StoredResult) -> No
     line's length in bytes, so a file cut short by a crash reads as no result at all.
     """
     data = encode_flow(stored.result).encode("utf-8")
+    # The keys of _META_KEYS spelled out, not looped over: this runs once per config.
     meta = {
         "attempt": stored.attempt,
         "end_time": stored.end_time,

@@ -69,9 +69,10 @@ def stop_orphans(root: str, wait_s: float = ORPHAN_WAIT_S) -> list[int]:
     """Kill the worker processes a dead run left running configs, and wait until they are gone.
 
     A worker holds an flock on its marker file while it runs a config, so a held lock is a
-    living worker inside a config (a pid alone could have been reused). Workers on this host are killed; for one on another
-    host that shares output_dir, the run waits. Returns the pids that were stopped. Two
-    executions of one config never overlap: the new run starts none before this returns.
+    living worker inside a config (a pid alone could have been reused). Workers on this host
+    are killed with what they started; for one on another host that shares output_dir, the run
+    waits. Returns the pids that were stopped. Two executions of one config never overlap: the
+    new run starts none before this returns.
     """
     import fcntl
     import socket
