@@ -29,6 +29,9 @@ STATE_FILE = "experiment.yaml"
 JOURNAL_FILE = "journal.jsonl"
 # Left by a run after which nothing was left to run: the next run can skip naming and reading.
 FINISHED_FILE = ".finished.json"
+# How often a reader starts again when a compaction replaced the state file under it: a run
+# that compacts often, on a busy machine, can do so several times in a row.
+READ_TRIES = 50
 
 
 class Store:
@@ -109,7 +112,7 @@ class Store:
                 f"output_dir {self.root} is a file, not an experiment directory; point "
                 "output_dir at the experiment's directory"
             )
-        for _ in range(5):
+        for _ in range(READ_TRIES):
             try:
                 version = file_version(self.state_path)
                 text = self.state_path.read_text(encoding="utf-8")
@@ -141,7 +144,7 @@ class Store:
                 )
             apply_entries(state, entries)
             return state
-        raise StateError(f"{self.root} changed five times while being read; try again")
+        raise StateError(f"{self.root} changed {READ_TRIES} times while being read; try again")
 
     def read_one(self, name: str) -> State:
         """The state with only config `name`: reads one line, not all, on a huge sweep (show)."""
