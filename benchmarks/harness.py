@@ -124,11 +124,51 @@ def _remove_scratch() -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-class Workdir:
-    """A scratch directory on the same disk as the project, removed when the process ends."""
+def filesystem(path: str | os.PathLike[str]) -> str:
+    """The type of the filesystem path is on (ext4, tmpfs, ...), from /proc/self/mountinfo."""
+    target = os.path.realpath(path)
+    best, kind = "", "unknown"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+            for line in handle:
+                fields = line.split()
+                mount_point = fields[4].replace("\\040", " ")
+                fs_type = fields[fields.index("-") + 1]
+                inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+                if inside and len(mount_point) >= len(best):
+                    best, kind = mount_point, fs_type
+    except (OSError, ValueError, IndexError):
+        pass
+    return kind
 
-    def __init__(self) -> None:
-        base = os.environ.get("RESWEEP_BENCH_DIR")
+
+def places() -> list[tuple[str, str]]:
+    """Where to measure: (label, scratch base). The disk is RESWEEP_BENCH_DIR or the temporary
+    directory; tmpfs is /dev/shm. RESWEEP_BENCH_PLACES=disk or =tmpfs keeps one."""
+    disk = os.environ.get("RESWEEP_BENCH_DIR") or tempfile.gettempdir()
+    found = [("disk", disk)]
+    if os.path.isdir("/dev/shm") and filesystem("/dev/shm") == "tmpfs":
+        found.append(("tmpfs", "/dev/shm"))
+    wanted = os.environ.get("RESWEEP_BENCH_PLACES")
+    if wanted:
+        found = [place for place in found if place[0] in wanted.split(",")]
+    return found
+
+
+def place_line(label: str, base: str) -> str:
+    return f"-- on the {label}: {base} ({filesystem(base)})"
+
+
+def count_entries(path: Path) -> int:
+    """Files and directories under path, path itself not counted."""
+    return sum(len(dirs) + len(files) for _, dirs, files in os.walk(path))
+
+
+class Workdir:
+    """A scratch directory (on the project's disk unless given), removed when the process ends."""
+
+    def __init__(self, base: str | None = None) -> None:
+        base = base or os.environ.get("RESWEEP_BENCH_DIR")
         self.path = Path(tempfile.mkdtemp(prefix="resweep-bench-", dir=base))
         self._made = 0
         _SCRATCH.append(self.path)
@@ -197,8 +237,8 @@ def machine() -> str:
     import platform
 
     load = os.getloadavg()
-    where = os.environ.get("RESWEEP_BENCH_DIR") or tempfile.gettempdir()
+    where = ", ".join(f"{label} {base} ({filesystem(base)})" for label, base in places())
     return (
         f"{os.cpu_count()} cpus, python {platform.python_version()}, "
-        f"load average {load[0]:.2f} at start, repeat {REPEAT}, scratch in {where}"
+        f"load average {load[0]:.2f} at start, repeat {REPEAT}, scratch: {where}"
     )

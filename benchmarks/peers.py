@@ -15,6 +15,8 @@ from harness import (
     heading,
     interleaved,
     machine,
+    place_line,
+    places,
     ratio,
     run_process,
     verdict,
@@ -93,57 +95,70 @@ def main() -> None:
     heading("peers: exca MapInfra and Optuna, whole processes")
     compile_resweep()
     print(machine())
-    with Workdir() as work:
-        exp = work.script("exp.py", RESWEEP_SCRIPT)
+    for label, base in places():
+        print(place_line(label, base))
+        with Workdir(base) as work:
+            versus_exca(work)
+            if label == "disk":
+                versus_optuna(work)
 
-        def resweep(n: int, workers: int) -> float:
-            out = work.fresh("out")
-            argv = [PYTHON, str(exp), "run", f"--max-workers={workers}", "--progress=False"]
-            sample = run_process(argv, env={"BENCH_N": str(n), "BENCH_OUT": str(out)})
-            return check(sample, "resweep run").wall_s
 
-        def peer(script: str, n: int, workers: int, out_name: str) -> float:
-            out = work.fresh(out_name)
-            env = {"BENCH_N": str(n), "BENCH_OUT": str(out), "BENCH_WORKERS": str(workers)}
-            return check(run_process([PYTHON, script], env=env), script).wall_s
+def _resweep(work: Workdir, n: int, workers: int) -> float:
+    exp = work.path / "exp.py"
+    if not exp.exists():
+        work.script("exp.py", RESWEEP_SCRIPT)
+    out = work.fresh("out")
+    argv = [PYTHON, str(exp), "run", f"--max-workers={workers}", "--progress=False"]
+    sample = run_process(argv, env={"BENCH_N": str(n), "BENCH_OUT": str(out)})
+    return check(sample, "resweep run").wall_s
 
-        if _installed("exca"):
-            work.script("exca_noop.py", EXCA_MODULE)
-            exca_script = str(work.script("exca_map.py", EXCA_SCRIPT))
-            figures = interleaved(
-                {
-                    "resweep": lambda: resweep(EXCA_CONFIGS, WORKERS),
-                    "exca": lambda: peer(exca_script, EXCA_CONFIGS, WORKERS, "exca"),
-                }
-            )
-            versus = ratio(figures["resweep"], figures["exca"])
-            print(f"{EXCA_CONFIGS} no-op configs, {WORKERS} workers:")
-            print(f"  resweep run                      {describe(figures['resweep'])}")
-            print(f"  exca MapInfra, processpool       {describe(figures['exca'])}")
-            print(f"  ratio resweep / exca: {versus:.2f}x (goal <= 1.0x: {verdict(versus <= 1.0)})")
-        else:
-            print("exca is not installed here: `pip install -e '.[bench]'`; comparison skipped")
 
-        if _installed("optuna"):
-            optuna_script = str(work.script("optuna_journal.py", OPTUNA_SCRIPT))
-            figures = interleaved(
-                {
-                    "resweep": lambda: resweep(OPTUNA_TRIALS, 1),
-                    "optuna": lambda: peer(optuna_script, OPTUNA_TRIALS, 1, "optuna.log"),
-                }
-            )
-            speedup = ratio(figures["optuna"], figures["resweep"])
-            print(f"{OPTUNA_TRIALS} enqueued no-op trials, 1 worker:")
-            print(f"  resweep run                      {describe(figures['resweep'])}")
-            print(f"  Optuna, JournalFileBackend       {describe(figures['optuna'])}")
-            per_trial = [t / OPTUNA_TRIALS for t in figures["optuna"]]
-            print(f"  Optuna per trial                 {describe(per_trial, 'ms', 1e3)}")
-            print(
-                f"  resweep is {speedup:.1f}x faster than Optuna "
-                f"(goal >= {OPTUNA_GOAL}x: {verdict(speedup >= OPTUNA_GOAL)})"
-            )
-        else:
-            print("optuna is not installed here: `pip install -e '.[bench]'`; comparison skipped")
+def _peer(work: Workdir, script: str, n: int, workers: int, out_name: str) -> float:
+    out = work.fresh(out_name)
+    env = {"BENCH_N": str(n), "BENCH_OUT": str(out), "BENCH_WORKERS": str(workers)}
+    return check(run_process([PYTHON, script], env=env), script).wall_s
+
+
+def versus_exca(work: Workdir) -> None:
+    if not _installed("exca"):
+        print("  exca is not installed here: `pip install -e '.[bench]'`; comparison skipped")
+        return
+    work.script("exca_noop.py", EXCA_MODULE)
+    exca_script = str(work.script("exca_map.py", EXCA_SCRIPT))
+    figures = interleaved(
+        {
+            "resweep": lambda: _resweep(work, EXCA_CONFIGS, WORKERS),
+            "exca": lambda: _peer(work, exca_script, EXCA_CONFIGS, WORKERS, "exca"),
+        }
+    )
+    versus = ratio(figures["resweep"], figures["exca"])
+    print(f"  {EXCA_CONFIGS} no-op configs, {WORKERS} workers:")
+    print(f"    resweep run                      {describe(figures['resweep'])}")
+    print(f"    exca MapInfra, processpool       {describe(figures['exca'])}")
+    print(f"    ratio resweep / exca: {versus:.2f}x (goal <= 1.0x: {verdict(versus <= 1.0)})")
+
+
+def versus_optuna(work: Workdir) -> None:
+    if not _installed("optuna"):
+        print("  optuna is not installed here: `pip install -e '.[bench]'`; comparison skipped")
+        return
+    optuna_script = str(work.script("optuna_journal.py", OPTUNA_SCRIPT))
+    figures = interleaved(
+        {
+            "resweep": lambda: _resweep(work, OPTUNA_TRIALS, 1),
+            "optuna": lambda: _peer(work, optuna_script, OPTUNA_TRIALS, 1, "optuna.log"),
+        }
+    )
+    speedup = ratio(figures["optuna"], figures["resweep"])
+    print(f"  {OPTUNA_TRIALS} enqueued no-op trials, 1 worker:")
+    print(f"    resweep run                      {describe(figures['resweep'])}")
+    print(f"    Optuna, JournalFileBackend       {describe(figures['optuna'])}")
+    per_trial = [t / OPTUNA_TRIALS for t in figures["optuna"]]
+    print(f"    Optuna per trial                 {describe(per_trial, 'ms', 1e3)}")
+    print(
+        f"    resweep is {speedup:.1f}x faster than Optuna "
+        f"(goal >= {OPTUNA_GOAL}x: {verdict(speedup >= OPTUNA_GOAL)})"
+    )
 
 
 if __name__ == "__main__":

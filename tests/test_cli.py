@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import run_script
+from resweep import files
 
 SCRIPT = """
 @dataclass(frozen=True)
@@ -201,11 +202,20 @@ def test_a_one_dash_flag_is_refused_before_anything_runs(script: Path, flag: str
 def test_a_dry_run_sees_configs_a_dead_run_left_running_as_the_run_will(script: Path) -> None:
     """--dry-run settles configs left running as run would: done when their result made it."""
     assert run_script(script, *RUN).returncode == 0
-    state_path = script.parent / "out" / "experiment.yaml"
+    out = script.parent / "out"
+    state_path = out / "experiment.yaml"
+    configs = yaml.safe_load(state_path.read_text())["configs"]
     state_path.write_text(state_path.read_text().replace('"status": "done"', '"status": "running"'))
+    # As a killed run leaves it: three of the five results made it to a worker's results file.
+    kept = files.ResultLog(out / files.RESULTS_DIR)
+    for name in list(configs)[:3]:
+        record = configs[name]
+        stored = files.StoredResult(record["result"], 1, record["end_time"], 0.1)
+        kept.append(name, stored)
+    kept.close()
     dry = run_script(script, "run", "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert "would run 0 configs" in dry.stdout and "would leave 5 done" in dry.stdout
+    assert "would run 2 configs" in dry.stdout and "would leave 3 done" in dry.stdout
 
 
 def test_resweeps_own_warnings_are_one_line(script: Path) -> None:

@@ -209,10 +209,15 @@ def test_unsafe_names_are_rejected_before_anything_runs(tmp_path: Path, unsafe_n
     assert not out.exists()
 
 
+def keeps_an_artifact(config: Config, ctx: resweep.Context) -> dict[str, float]:
+    (ctx.dir / "artifact.txt").write_text(ctx.name, encoding="utf-8")
+    return square(config)
+
+
 def test_odd_but_safe_names_are_kept_exactly(tmp_path: Path, odd_safe_name: str) -> None:
     """Quotes, shell syntax and unicode in a name end up as that exact directory name."""
     experiment = resweep.Experiment(
-        function=square,
+        function=keeps_an_artifact,
         configs=[Config("a", 0.1)],
         output_dir=tmp_path / "out",
         config_naming=lambda c: odd_safe_name,

@@ -212,7 +212,7 @@ def _check_after_kill(out: Path, done_before: dict[str, str]) -> dict[str, str]:
     state_path = out / store.STATE_FILE
     if not state_path.exists():  # killed while writing the very first state: nothing ran yet
         assert not done_before
-        assert not list(out.glob("configs/*/result.yaml"))
+        assert not files.read_results(out / files.RESULTS_DIR)
         return {}
     text = state_path.read_text(encoding="utf-8")
     assert isinstance(yaml.safe_load(text), dict)
@@ -221,9 +221,7 @@ def _check_after_kill(out: Path, done_before: dict[str, str]) -> dict[str, str]:
     done = {n: r["end_time"] for n, r in state.configs.items() if r["status"] == "done"}
     for name, end_time in done_before.items():
         assert done.get(name) == end_time, f"{name} lost or re-run"
-    configs_dir = out / files.CONFIGS_DIR
-    with os.scandir(configs_dir) as entries:
-        returned = {e.name for e in entries if os.path.exists(os.path.join(e.path, "result.yaml"))}
+    returned = {name for name, _ in files.read_results(out / files.RESULTS_DIR)}
     assert returned <= done.keys(), f"{len(returned - done.keys())} returned configs not done"
     return done
 

@@ -19,7 +19,7 @@ import yaml
 
 import resweep
 from conftest import Config, run_script, square
-from resweep import provenance
+from resweep import files, provenance
 from resweep.store import Store
 
 MODULE = """\
@@ -385,8 +385,13 @@ def test_a_recovered_config_keeps_its_session_and_fingerprint(tmp_path: Path) ->
     experiment.run(backend="sequential", progress=False)
     store = Store(tmp_path)
     crashed = store.read()
-    (record,) = crashed.configs.values()
+    ((name, record),) = crashed.configs.items()
     expected = {"session": record["session"], "fingerprint": record["fingerprint"]}
+    # As a worker leaves it when its run is killed before recording the result.
+    kept = files.ResultLog(tmp_path / files.RESULTS_DIR)
+    stored = files.StoredResult(record["result"], 1, record["end_time"], 0.1, **expected)
+    kept.append(name, stored)
+    kept.close()
     record.update(status="running", session=None, fingerprint=None)
     store.save(crashed)
     experiment.run(backend="sequential", progress=False)

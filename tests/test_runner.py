@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import yaml
 
 import resweep
 from conftest import Config
+from resweep import files
 from resweep.errors import ConfigError
 
 BACKENDS = ["sequential", "threading", "loky"]
@@ -139,8 +141,8 @@ def test_every_backend_runs_every_config_and_isolates_a_failure(
     config_dir = tmp_path / "out" / "configs" / "lr=0.3,model=c,seed=1"
     assert Path(done["result"]["dir"]) == config_dir
     assert (config_dir / "artifact.txt").read_text() == "c"
-    on_disk = yaml.safe_load((config_dir / "result.yaml").read_text())
-    assert on_disk == done["result"]
+    # The result is in the state, not in a file of the config's own.
+    assert sorted(p.name for p in config_dir.iterdir()) == ["artifact.txt"]
     assert done["start_time"] <= done["end_time"]
     assert not (tmp_path / "out" / "summary.csv").exists()
     if backend == "loky":
@@ -360,7 +362,10 @@ def test_configs_left_running_are_settled_by_the_next_run(tmp_path: Path) -> Non
         path.read_text(encoding="utf-8").replace('"status": "done"', '"status": "running"'),
         encoding="utf-8",
     )
-    (tmp_path / "out" / "configs" / "lr=0.2,model=b" / "result.yaml").unlink()
+    # As a worker leaves it: config a's result in its results file, config b's not.
+    kept = files.ResultLog(tmp_path / "out" / files.RESULTS_DIR)
+    kept.append("lr=0.1,model=a", files.StoredResult({"score": 0.1}, 1, "2024-01-01", 0.5))
+    kept.close()
     report = run(make(tmp_path, fine, CONFIGS[:2]))
     assert report.executed == 1
     assert calls(tmp_path)[-1] == "lr=0.2,model=b 2"
@@ -369,6 +374,90 @@ def test_configs_left_running_are_settled_by_the_next_run(tmp_path: Path) -> Non
     assert configs["lr=0.1,model=a"]["attempts"] == 1
     assert configs["lr=0.1,model=a"]["result"] == {"score": 0.1}
     assert configs["lr=0.2,model=b"]["status"] == "done"
+
+
+def test_a_directory_from_an_earlier_version_settles_from_its_result_files(
+    tmp_path: Path,
+) -> None:
+    """Earlier versions kept a result.yaml per done config: one a dead run left running with
+    its result.yaml written is done with that result, not run again."""
+    experiment = make(tmp_path, fine, CONFIGS[:2])
+    run(experiment)
+    path = tmp_path / "out" / "experiment.yaml"
+    path.write_text(
+        path.read_text(encoding="utf-8").replace('"status": "done"', '"status": "running"'),
+        encoding="utf-8",
+    )
+    old = tmp_path / "out" / "configs" / "lr=0.1,model=a"
+    old.mkdir(parents=True)
+    result_line = '{"score": 0.75}'
+    meta = f'{{"attempt": 1, "end_time": "2024-01-01", "duration_s": 1.0, "bytes": {len(result_line)}}}'
+    (old / "result.yaml").write_text(f"# resweep: {meta}\n{result_line}\n", encoding="utf-8")
+    report = run(make(tmp_path, fine, CONFIGS[:2]))
+    assert report.executed == 1
+    assert calls(tmp_path)[-1] == "lr=0.2,model=b 2"
+    configs = experiment.read_state().configs
+    assert configs["lr=0.1,model=a"]["result"] == {"score": 0.75}
+    assert configs["lr=0.1,model=a"]["status"] == "done"
+
+
+def test_result_reads_a_done_configs_result_and_refuses_any_other(tmp_path: Path) -> None:
+    """experiment.result(name) is the stored result; a failed or unknown config is an error."""
+    experiment = make(tmp_path)
+    run(experiment)
+    assert experiment.result("lr=0.1,model=a")["score"] == 1.0
+    with pytest.raises(ConfigError, match="is failed, not done"):
+        experiment.result("lr=0.2,model=b")
+    with pytest.raises(resweep.ResweepError, match=re.escape("did you mean 'lr=0.1,model=a'")):
+        experiment.result("lr=0.1,model=A")
+
+
+def quiet(config: Config, ctx: resweep.Context) -> dict[str, Any]:
+    return {"score": config.lr}
+
+
+def chatty(config: Config, ctx: resweep.Context) -> dict[str, Any]:
+    if config.model == "a":
+        print("printed")
+    elif config.model == "b":
+        ctx.log.info("logged")
+    elif config.model == "c":
+        (ctx.dir / "artifact.txt").write_text("kept")
+    else:
+        str(ctx)  # looking at ctx does not make the directory
+    return {"score": config.lr}
+
+
+@pytest.mark.parametrize("backend", ["sequential", "threading", "loky"])
+def test_a_config_that_keeps_nothing_leaves_no_file_of_its_own(
+    tmp_path: Path, backend: str
+) -> None:
+    """Silent, artifact-free configs cost no directory: their results are in the state, and a
+    run leaves a few files of resweep's own, whatever the number of configs."""
+    configs = [Config(m, i / 100) for m in "xyz" for i in range(40)]
+    experiment = make(tmp_path, quiet, configs)
+    assert run(experiment, backend).done == 120
+    out = tmp_path / "out"
+    assert list((out / "configs").iterdir()) == []
+    assert len(list(out.rglob("*"))) <= 10, sorted(p.name for p in out.rglob("*"))
+    assert experiment.result("lr=0.39,model=z") == {"score": 0.39}
+    assert resweep.load_summary(out)["score"].sum() == pytest.approx(3 * sum(range(40)) / 100)
+
+
+@pytest.mark.parametrize("backend", ["sequential", "loky"])
+def test_a_config_dir_is_made_by_what_needs_it(tmp_path: Path, backend: str) -> None:
+    """A print, a log record or an artifact makes the config's directory; nothing else does."""
+    experiment = make(tmp_path, chatty)
+    assert run(experiment, backend).done == 4
+    configs = tmp_path / "out" / "configs"
+    made = {p.name: sorted(f.name for f in p.iterdir()) for p in configs.iterdir()}
+    assert made == {
+        "lr=0.1,model=a": ["log.txt"],
+        "lr=0.2,model=b": ["log.txt"],
+        "lr=0.3,model=c,seed=1": ["artifact.txt"],
+    }
+    assert "printed" in (configs / "lr=0.1,model=a" / "log.txt").read_text()
+    assert "logged" in (configs / "lr=0.2,model=b" / "log.txt").read_text()
 
 
 @pytest.mark.parametrize("backend", ["threading", "loky"])

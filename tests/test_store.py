@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from resweep.errors import LockedError, StateError
 from resweep.state import State
 from resweep.store import Store
 
-GOLDEN = Path(__file__).parent / "data" / "state_v1.yaml"
+DATA = Path(__file__).parent / "data"
+GOLDEN = DATA / "state_v1.yaml"
 
 # Values that trip up naive JSON-as-YAML writers: exponents, non-finite floats, unicode,
 # strings that YAML 1.1 would read as numbers, booleans or null.
@@ -302,31 +304,80 @@ def test_recorder_makes_changes_durable_in_the_journal(tmp_path: Path) -> None:
     assert math.isnan(yaml.safe_load(target.state_path.read_text())["configs"]["a"]["result"]["v"])
 
 
-def test_result_file_round_trip(tmp_path: Path) -> None:
-    """result.yaml keeps the result and its meta line, and plain YAML reads the result."""
-    result = {"loss": float("inf"), "name": "ü 🎉", "tiny": 1e-05}
-    files.write_result(
-        tmp_path, files.StoredResult(result, attempt=3, end_time="t", duration_s=1.5)
-    )
-    found = files.read_result(tmp_path)
-    assert found is not None
-    assert same(found.result, result)
-    assert (found.attempt, found.end_time, found.duration_s) == (3, "t", 1.5)
-    assert same(yaml.safe_load((tmp_path / "result.yaml").read_text(encoding="utf-8")), result)
-    assert files.read_result(tmp_path / "missing") is None
+def test_results_file_round_trip(tmp_path: Path) -> None:
+    """A worker's results file keeps each result with what recovery needs, by name and attempt."""
+    result = {"loss": float("inf"), "name": "ü 🎉", "tiny": 1e-05, "nested": {"a": [1, None]}}
+    kept = files.ResultLog(tmp_path / "results")
+    kept.append("a", files.StoredResult(result, 3, "t", 1.5, 2, 1, "s", "f"))
+    kept.append("b", files.StoredResult(None, 1, None, None))
+    kept.append("a", files.StoredResult({"x": 1}, 4, "u", 0.5))
+    kept.close()
+    found = files.read_results(tmp_path / "results")
+    assert sorted(found) == [("a", 3), ("a", 4), ("b", 1)]
+    assert same(found["a", 3].result, result)
+    assert found["a", 3] == files.StoredResult(found["a", 3].result, 3, "t", 1.5, 2, 1, "s", "f")
+    assert found["b", 1].result is None
+    assert files.read_results(tmp_path / "missing") == {}
 
 
 @pytest.mark.parametrize("result", [None, {"loss": 0.5, "note": "ü"}])
-def test_a_result_file_cut_short_reads_as_no_result(tmp_path: Path, result: Any) -> None:
-    """result.yaml is written in place; a crash mid-write must not pass for a result."""
-    stored = files.StoredResult(result, attempt=1, end_time=None, duration_s=None)
-    files.write_result(tmp_path, stored)
-    data = (tmp_path / "result.yaml").read_bytes()
+def test_a_results_line_cut_short_is_no_result(tmp_path: Path, result: Any) -> None:
+    """A crash mid-write leaves a cut last line: it never passes for a result, the lines
+    before it still read, and the next process with that file starts a fresh line."""
+    kept = files.ResultLog(tmp_path)
+    kept.append("first", files.StoredResult({"ok": 1}, 1, None, None))
+    kept.append("second", files.StoredResult(result, 1, None, None))
+    kept.close()
+    (path,) = tmp_path.iterdir()
+    data = path.read_bytes()
+    first_line = data.index(b"\n") + 1
+    for cut in range(first_line, len(data) - 1):
+        path.write_bytes(data[:cut])
+        assert set(files.read_results(tmp_path)) == {("first", 1)}, data[:cut]
+    path.write_bytes(data[: len(data) - 5])
+    again = files.ResultLog(tmp_path)  # a later process that got the same pid
+    again.append("third", files.StoredResult({"ok": 3}, 2, None, None))
+    again.close()
+    assert set(files.read_results(tmp_path)) == {("first", 1), ("third", 2)}
+
+
+def test_a_results_write_that_fails_leaves_no_cut_line(tmp_path: Path) -> None:
+    """A write refused part way (a file size limit here) is cut back: the next line reads."""
+    import resource
+
+    kept = files.ResultLog(tmp_path)
+    kept.append("small", files.StoredResult({"ok": 1}, 1, None, None))
+    (path,) = tmp_path.iterdir()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 100, hard))
+    try:
+        with pytest.raises(OSError):
+            kept.append("big", files.StoredResult({"blob": "x" * 1000}, 1, None, None))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    kept.append("after", files.StoredResult({"ok": 2}, 1, None, None))
+    kept.close()
+    assert set(files.read_results(tmp_path)) == {("small", 1), ("after", 1)}
+    assert path.read_bytes().count(b"\n") == 2
+
+
+def test_an_earlier_versions_result_file_still_reads(tmp_path: Path) -> None:
+    """result.yaml as earlier versions wrote it, per done config, is read for recovery."""
+    shutil.copy(DATA / "result_v1.yaml", tmp_path / "result.yaml")
+    found = files.read_result(tmp_path)
+    assert found is not None
+    assert same(found.result, {"loss": float("inf"), "name": "ü 🎉", "tiny": 1e-05})
+    assert (found.attempt, found.duration_s, found.session) == (3, 1.5, "5e55")
+
+
+def test_an_earlier_versions_result_file_cut_short_is_no_result(tmp_path: Path) -> None:
+    """Its meta line gives the result line's length: a file cut by a crash is no result."""
+    data = (DATA / "result_v1.yaml").read_bytes()
     for cut in range(len(data)):
         (tmp_path / "result.yaml").write_bytes(data[:cut])
         assert files.read_result(tmp_path) is None, data[:cut]
-    (tmp_path / "result.yaml").write_bytes(data)
-    assert files.read_result(tmp_path) == stored
 
 
 def test_second_lock_is_refused_naming_the_holder(tmp_path: Path) -> None:

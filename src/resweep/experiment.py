@@ -244,6 +244,16 @@ class Experiment:
         record: Any = read_one_settled(self.store, str(name)).lookup(str(name))
         return record  # type: ignore[no-any-return]
 
+    def result(self, name: str) -> Any:
+        """A done config's result, from the state (no file of the config's own is needed).
+
+        A config that is not done has no result: an error saying its status.
+        """
+        record = self.config_record(name)
+        if record["status"] != "done":
+            raise ConfigError(f"config {name!r} is {record['status']}, not done: it has no result")
+        return record.get("result")
+
     def run_cli(self) -> None:
         """The command line: run, status, replay, force_summary, clean_index, show."""
         from resweep import cli

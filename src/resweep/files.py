@@ -9,6 +9,7 @@ import io
 import json
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, TextIO
 
 from resweep.clock import now_iso
 from resweep.durable import WriteFault, open_fd, open_text, persisted, write_all, write_atomic
-from resweep.encoding import decode_flow, encode_flow, encode_line, yaml_error
+from resweep.encoding import decode_flow, encode_line, yaml_error
 from resweep.errors import ConfigError, StateError
 
 CONFIGS_DIR = "configs"
@@ -30,6 +31,9 @@ RESULT_META_PREFIX = "# resweep: "
 RESULT_BYTES_KEY = "bytes"
 # Where each worker process of a run says which config it is running now.
 WORKERS_DIR = ".workers"
+# Each process that runs configs appends their results to .results/<pid>.jsonl.
+RESULTS_DIR = ".results"
+RESULTS_SUFFIX = ".jsonl"
 MARKER_BYTES = 1024
 
 
@@ -48,25 +52,28 @@ def config_path(root: str | os.PathLike[str], name: str) -> str:
     return f"{os.fspath(root)}{os.sep}{CONFIGS_DIR}{os.sep}{name}"
 
 
-def prepare_config_dir(config_dir: str | os.PathLike[str]) -> None:
-    """Make a config's directory, or clear the files an earlier attempt left in it."""
+def make_config_dir(config_dir: str | os.PathLike[str]) -> None:
+    """Make a config's directory when something is first kept there; never through a link."""
     try:
         os.mkdir(config_dir)
     except FileExistsError:
         if os.path.islink(config_dir):
             raise WriteFault(errno.ELOOP, os.strerror(errno.ELOOP), os.fspath(config_dir)) from None
-        # Only a directory that was there can hold files of an earlier attempt.
-        for stale in (RESULT_FILE, EXCEPTION_FILE):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(config_dir, stale))
     except FileNotFoundError:
         os.makedirs(config_dir, exist_ok=True)
 
 
+def clear_earlier_attempt(config_dir: str | os.PathLike[str]) -> None:
+    """Remove the files an earlier attempt of a config left that would tell of it as the last."""
+    for stale in (RESULT_FILE, EXCEPTION_FILE):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            os.unlink(os.path.join(config_dir, stale))
+
+
 # The entries of output_dir that resweep writes in or through, and whether each is a directory.
 OWN_ENTRIES = {
-    CONFIGS_DIR: True, "cache": True, WORKERS_DIR: True, "cache.lock": False, ".lock": False,
-    "run.json": False, "journal.jsonl": False, "experiment.yaml": False, "summary.csv": False,
+    CONFIGS_DIR: True, "cache": True, WORKERS_DIR: True, RESULTS_DIR: True, "cache.lock": False,
+    ".lock": False, "run.json": False, "journal.jsonl": False, "experiment.yaml": False, "summary.csv": False,
     ".finished.json": False, RUN_FAILURE_FILE: False,
     # The request cache's SQLite files, which diskcache opens by name.
     "cache/cache.db": False, "cache/cache.db-wal": False, "cache/cache.db-shm": False,
@@ -124,36 +131,115 @@ class StoredResult:
 _META_KEYS = tuple(f.name for f in dataclasses.fields(StoredResult) if f.name != "result")
 
 
-def write_result(config_dir: str | os.PathLike[str], stored: StoredResult) -> None:
-    """Write result.yaml, whose comment line keeps what a crash recovery needs.
+class ResultLog:
+    """This process's append-only results file: a config's result is written here, one line in
+    one write(), before the coordinator hears of it, so a coordinator killed at once loses none.
 
-    Written in place, not through a renamed temporary file: the comment line gives the result
-    line's length in bytes, so a file cut short by a crash reads as no result at all.
+    One file per worker process, not one per config: no inode per config on the way.
     """
-    data = encode_flow(stored.result).encode("utf-8")
-    # The keys of _META_KEYS spelled out, not looped over: this runs once per config.
-    meta = {
-        "attempt": stored.attempt,
-        "end_time": stored.end_time,
-        "duration_s": stored.duration_s,
-        "cache_hits": stored.cache_hits,
-        "cache_misses": stored.cache_misses,
-        "session": stored.session,
-        "fingerprint": stored.fingerprint,
-        RESULT_BYTES_KEY: len(data),
-    }
-    head = f"{RESULT_META_PREFIX}{encode_line(meta)}\n".encode()
-    path = os.path.join(config_dir, RESULT_FILE)
-    fd = open_fd(path)
+
+    def __init__(self, results_dir: str | os.PathLike[str]) -> None:
+        self._dir = results_dir
+        self._path = os.path.join(results_dir, f"{os.getpid()}{RESULTS_SUFFIX}")
+        self._fd: int | None = None
+        self._size = 0
+        self._torn = False
+        # The in-process backends and a Dask coordinator's landing threads share one file.
+        self._lock = threading.Lock()
+
+    def append(self, name: str, stored: StoredResult) -> None:
+        """Add one finished config's result."""
+        # The keys of _META_KEYS spelled out, not looped over: this runs once per config.
+        record = {
+            "name": name,
+            "attempt": stored.attempt,
+            "end_time": stored.end_time,
+            "duration_s": stored.duration_s,
+            "cache_hits": stored.cache_hits,
+            "cache_misses": stored.cache_misses,
+            "session": stored.session,
+            "fingerprint": stored.fingerprint,
+            "result": stored.result,
+        }
+        data = f"{encode_line(record)}\n".encode()
+        with self._lock:
+            if self._fd is None:
+                try:
+                    self._fd = open_fd(self._path, append=True)
+                except FileNotFoundError:
+                    os.makedirs(self._dir, exist_ok=True)
+                    self._fd = open_fd(self._path, append=True)
+                self._size = os.fstat(self._fd).st_size
+                # A file left by a dead process with this pid may end in a cut line.
+                self._torn = bool(self._size)
+            if self._torn:
+                data = b"\n" + data
+            try:
+                write_all(self._fd, data)
+            except OSError:
+                # A full disk: cut the part written, so that the next line starts a line.
+                try:
+                    os.ftruncate(self._fd, self._size)
+                except OSError:
+                    self._torn = True
+                raise
+            self._size += len(data)
+            self._torn = False
+        persisted("result-write")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+                self._fd = None
+
+
+def read_results(results_dir: str | os.PathLike[str]) -> dict[tuple[str, int], StoredResult]:
+    """Every whole result in the results files under results_dir, by (name, attempt)."""
+    found: dict[tuple[str, int], StoredResult] = {}
     try:
-        write_all(fd, head + data + b"\n")
-    finally:
-        os.close(fd)
-    persisted("result-write")
+        entries = [e for e in os.scandir(results_dir) if e.name.endswith(RESULTS_SUFFIX)]
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for entry in entries:
+        try:
+            with open(entry.path, "rb") as handle:
+                data = handle.read()
+        except OSError as error:
+            raise StateError(
+                f"cannot read {entry.path}: {error.strerror}; fix its permissions, then run again"
+            ) from None
+        for line in data.split(b"\n"):
+            stored = _parse_result_line(line)
+            if stored is not None:
+                found[stored[0], stored[1].attempt] = stored[1]
+    return found
+
+
+def _parse_result_line(line: bytes) -> tuple[str, StoredResult] | None:
+    """(name, result) from one line of a results file, or None for a cut or damaged line."""
+    if not line.strip():
+        return None
+    try:
+        record = decode_flow(line.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, StateError, yaml_error()):
+        return None
+    if not isinstance(record, dict):
+        return None
+    name, attempt = record.get("name"), record.get("attempt")
+    if not isinstance(name, str) or not isinstance(attempt, int) or "result" not in record:
+        return None
+    known = {key: record[key] for key in _META_KEYS if key in record}
+    return name, StoredResult(result=record["result"], **known)
 
 
 def read_result(config_dir: str | os.PathLike[str]) -> StoredResult | None:
-    """The stored result, or None when the file is missing, unreadable or cut short."""
+    """A result.yaml, or None when missing, unreadable or cut short.
+
+    Earlier versions of resweep wrote one per done config, before they recorded it: a run of
+    theirs that died may have left one for a config it left running.
+    """
     path = Path(config_dir, RESULT_FILE)
     try:
         text = path.read_text(encoding="utf-8")
@@ -193,6 +279,7 @@ def log_header(attempt: int, *, remote: bool = False) -> str:
 def append_log(config_dir: str | os.PathLike[str], text: str) -> None:
     """Add text to a config's log.txt (log.txt keeps every attempt)."""
     if text:
+        make_config_dir(config_dir)
         with open_text(os.path.join(config_dir, LOG_FILE), append=True) as log:
             log.write(text)
 
@@ -201,15 +288,16 @@ def write_failure(
     config_dir: str | os.PathLike[str], attempt: int, end_time: str, trace: str
 ) -> None:
     """A failed attempt's traceback: log.txt keeps every attempt's, exception.txt the last one."""
+    make_config_dir(config_dir)
     write_atomic(Path(config_dir, EXCEPTION_FILE), trace, durable=False)
     append_log(config_dir, f"--- attempt {attempt} failed, {end_time}\n{trace}")
 
 
 class LazyLog(io.TextIOBase):
-    """A config's log.txt, opened on first write so that silent configs cost no file."""
+    """A config's log.txt, made with its directory on first write: silent configs cost no file."""
 
-    def __init__(self, path: str | os.PathLike[str], attempt: int) -> None:
-        self._path = path
+    def __init__(self, config_dir: str | os.PathLike[str], attempt: int) -> None:
+        self._dir = config_dir
         self._attempt = attempt
         self._handle: TextIO | None = None
 
@@ -217,7 +305,8 @@ class LazyLog(io.TextIOBase):
         if not text:
             return 0
         if self._handle is None:
-            self._handle = open_text(self._path, append=True)
+            make_config_dir(self._dir)
+            self._handle = open_text(os.path.join(self._dir, LOG_FILE), append=True)
             self._handle.write(log_header(self._attempt))
         return self._handle.write(text)
 
@@ -346,8 +435,10 @@ def request_stop(root: str | os.PathLike[str]) -> None:
         os.close(open_fd(path))
 
 
-def remove_workers_dir(root: str | os.PathLike[str]) -> None:
-    """Drop a run's markers once nothing needs them: read when settling, written anew by a run."""
+def remove_worker_files(root: str | os.PathLike[str]) -> None:
+    """Drop a run's markers and results files once the state holds all they tell: they are read
+    when settling what a run left running, and written anew by the next run."""
     import shutil
 
     shutil.rmtree(os.path.join(root, WORKERS_DIR), ignore_errors=True)
+    shutil.rmtree(os.path.join(root, RESULTS_DIR), ignore_errors=True)

@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from resweep.clock import now_iso
 from resweep.errors import StateError
 from resweep.files import (
+    RESULTS_DIR,
     WORKERS_DIR,
+    StoredResult,
     config_path,
     marker_pid,
     read_markers,
     read_result,
+    read_results,
     read_started,
 )
 from resweep.processes import kill_tree
 from resweep.state import State
 from resweep.store import Store
 
-# done: its result file made it; not_started: queued behind a busy worker, so that attempt did
+# Finished results a run's workers wrote, by (name, attempt): see finished_results.
+Results = Mapping[tuple[str, int], StoredResult]
+
+# done: its result made it to a results file; not_started: queued behind a busy worker, so that attempt did
 # not happen; interrupted: cut off while it ran, so it runs again.
 Fate = Literal["done", "not_started", "interrupted"]
 
@@ -34,15 +40,30 @@ class Settled:
     fields: dict[str, Any]
 
 
+def finished_results(root: str | os.PathLike[str]) -> Results:
+    """The results the workers of the last (or this) run wrote, read once for many settles."""
+    return read_results(os.path.join(root, RESULTS_DIR))
+
+
 def settle(
-    root: str, name: str, attempt: int, executing: Collection[str] | None, *, interruptions: int
+    root: str,
+    name: str,
+    attempt: int,
+    executing: Collection[str] | None,
+    *,
+    interruptions: int,
+    results: Results,
 ) -> Settled:
     """The fate of one attempt that no outcome reported.
 
     executing: the configs worker processes said they were running, or None when unknown
-    (threads and remote workers leave no trace); interruptions: the record's count so far.
+    (threads and remote workers leave no trace); interruptions: the record's count so far;
+    results: finished_results(root).
     """
-    found = read_result(config_path(root, name))
+    found = results.get((name, attempt))
+    if found is None:
+        # A directory that an earlier version of resweep left running keeps results there.
+        found = read_result(config_path(root, name))
     if found is not None and found.attempt == attempt:
         return Settled("done", found.fields())
     if executing is not None and name not in executing:
@@ -129,6 +150,7 @@ def settle_left_running(state: State, root: str, *, count: bool = True) -> list[
     if not left:
         return []
     executing = executing_configs(root)
+    results = finished_results(root)
     for name in left:
         record = state.configs[name]
         settled = settle(
@@ -137,6 +159,7 @@ def settle_left_running(state: State, root: str, *, count: bool = True) -> list[
             record.get("attempts", 1),
             executing,
             interruptions=record.get("interruptions", 0),
+            results=results,
         )
         fields = settled.fields
         if settled.fate == "interrupted" and not count:

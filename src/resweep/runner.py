@@ -21,24 +21,26 @@ from resweep.durable import fault_text, write_atomic
 from resweep.errors import ResweepError
 from resweep.files import (
     CONFIGS_DIR,
+    RESULTS_DIR,
     RUN_FAILURE_FILE,
     STOP_FILE,
     WORKERS_DIR,
     check_layout,
-    remove_workers_dir,
+    remove_worker_files,
     request_stop,
 )
 from resweep.identity import NamedConfig
 from resweep.options import RunOptions
 from resweep.pools.base import Pool, PoolStopped, Returned
 from resweep.pools.registry import open_pool
-from resweep.recovery import settle, settle_left_running, stop_orphans
+from resweep.recovery import finished_results, settle, settle_left_running, stop_orphans
 from resweep.state import State
 from resweep.store import StateWriter, Store
 from resweep.worker import (
     Job,
     Task,
     WorkerSetup,
+    close_result_log,
     routed_output,
     storage_error,
     takes_context,
@@ -429,9 +431,10 @@ class Scheduler:
         )
 
     def _settle_in_flight(self) -> None:
-        """Configs cut off by a stop: done if their result file made it, else todo again."""
+        """Configs cut off by a stop: done if their result made it to a results file, else todo."""
         executing = self.pool.executing()
         configs = self.writer.state.configs
+        results = finished_results(self.job.output_dir) if self.in_flight else {}
         for name, task in list(self.in_flight.items()):
             record = configs[name]
             settled = settle(
@@ -440,6 +443,7 @@ class Scheduler:
                 task.attempt,
                 executing,
                 interruptions=record.get("interruptions", 0),
+                results=results,
             )
             self.writer.update(name, settled.fields)
             if settled.fate == "done":
@@ -592,7 +596,7 @@ def _run_pool(
     setup_value = setup.common() if setup is not None and setup.common else None
     (store.root / CONFIGS_DIR).mkdir(exist_ok=True)
     # The last run's markers were read when settling; this run's workers write anew.
-    remove_workers_dir(store.root)
+    remove_worker_files(store.root)
     job = Job(
         function=experiment.function,
         takes_ctx=takes_context(experiment.function),
@@ -606,6 +610,7 @@ def _run_pool(
         fingerprint=fingerprint,
         source_file=str(provenance.source_file(experiment.function) or "") or None,
         stop_file=os.path.join(store.root, WORKERS_DIR, STOP_FILE),
+        results_dir=os.path.join(store.root, RESULTS_DIR),
         fail_fast=options.fail_fast,
         retries=experiment.retries,
     )
@@ -630,9 +635,11 @@ def _run_pool(
             writer.close()
         write_run_failure(store, error)
         raise
+    finally:
+        close_result_log(job)
     session_record["end_time"] = now_iso()
     writer.close()
-    remove_workers_dir(store.root)
+    remove_worker_files(store.root)
     return scheduler
 
 

@@ -11,6 +11,7 @@ import logging
 import operator
 import os
 import sys
+import threading
 import time
 import traceback
 import types
@@ -25,13 +26,13 @@ from resweep.clock import now_iso
 from resweep.durable import DISK_ERRNOS, WriteFault, fault_text, is_write_fault
 from resweep.errors import ResultError, ResweepError, StorageError
 from resweep.files import (
-    LOG_FILE,
     LazyLog,
+    ResultLog,
     StoredResult,
+    clear_earlier_attempt,
     config_path,
-    prepare_config_dir,
+    make_config_dir,
     write_failure,
-    write_result,
 )
 
 T = TypeVar("T")
@@ -54,6 +55,8 @@ class Job:
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Process backends only: the directory of per-worker marker files.
     markers_dir: str | None = None
+    # Where each process that runs configs appends their results (files.ResultLog).
+    results_dir: str | None = None
     # While this file exists the run is stopping: workers start no further config.
     stop_file: str | None = None
     # fail_fast: a config that fails for good (no retry left) makes the stop file at once.
@@ -133,6 +136,7 @@ class Context:
     """What one run of one config sees: its name, directory, shared context and logger."""
 
     __slots__ = ("_dir", "_log", "_log_stream", "attempt", "config", "name", "shared")
+    _dir: str | Path
 
     def __init__(
         self,
@@ -146,7 +150,7 @@ class Context:
     ) -> None:
         self.name = name
         self.config = config
-        self._dir = dir
+        self._dir = os.fspath(dir)
         self.shared = shared
         self.attempt = attempt
         self._log_stream = log_stream
@@ -154,8 +158,10 @@ class Context:
 
     @property
     def dir(self) -> Path:
-        """The config's own directory, for its artifacts (made a Path when first asked for)."""
+        """The config's own directory, for its artifacts: made when first asked for, so a config
+        that keeps nothing costs no directory."""
         if not isinstance(self._dir, Path):
+            make_config_dir(self._dir)
             self._dir = Path(self._dir)
         return self._dir
 
@@ -178,7 +184,8 @@ class Context:
         return result
 
     def __repr__(self) -> str:
-        return f"Context(name={self.name!r}, attempt={self.attempt}, dir={str(self.dir)!r})"
+        # The path as text: a repr (in a debugger, say) must not make the directory.
+        return f"Context(name={self.name!r}, attempt={self.attempt}, dir={os.fspath(self._dir)!r})"
 
 
 def takes_context(function: Callable[..., Any]) -> bool:
@@ -326,16 +333,17 @@ class Marks(Protocol):
 def execute(
     job: Job, task: Task, setup_error: str | None = None, marker: Marks | None = None
 ) -> Outcome:
-    """Run one config: its result file is written before the coordinator hears of it."""
+    """Run one config: its result is in a results file before the coordinator hears of it."""
     start_time = now_iso()
     started = time.perf_counter()
-    # A string, not a Path: ctx.dir becomes one only if the function asks for it.
+    # A string, not a Path, and not made: ctx.dir and the log make it only when they need it.
     config_dir = config_path(job.output_dir, task.name)
-    try:
-        prepare_config_dir(config_dir)
-    except OSError as exc:
-        return faulted(task, start_time, exc)
-    log = LazyLog(os.path.join(config_dir, LOG_FILE), task.attempt)
+    if task.attempt > 1:
+        try:
+            clear_earlier_attempt(config_dir)
+        except OSError as exc:
+            return faulted(task, start_time, exc)
+    log = LazyLog(config_dir, task.attempt)
     stats = cache.CallStats()
     if marker is not None:
         marker.mark(task.name)
@@ -354,7 +362,7 @@ def execute(
         )  # fmt: skip
         try:
             if ok:
-                write_result(config_dir, stored_result(job, outcome))
+                keep_result(job, outcome)
             elif trace is not None:
                 write_failure(config_dir, task.attempt, now_iso(), trace)
         except OSError as exc:
@@ -370,8 +378,36 @@ def execute(
             marker.mark("")
 
 
+_result_logs: dict[str, ResultLog] = {}
+_result_logs_lock = threading.Lock()
+
+
+def keep_result(job: Job, outcome: Outcome) -> None:
+    """Append a done outcome to this process's results file, where recovery finds it."""
+    if job.results_dir is None:
+        return
+    log = _result_logs.get(job.token)
+    if log is None:
+        with _result_logs_lock:
+            log = _result_logs.get(job.token)
+            if log is None:
+                for earlier in _result_logs.values():  # one run at a time per process
+                    earlier.close()
+                _result_logs.clear()
+                log = _result_logs[job.token] = ResultLog(job.results_dir)
+    log.append(outcome.name, stored_result(job, outcome))
+
+
+def close_result_log(job: Job) -> None:
+    """Close this process's results file of job's run (the coordinator's, when the run ends)."""
+    with _result_logs_lock:
+        log = _result_logs.pop(job.token, None)
+    if log is not None:
+        log.close()
+
+
 def stored_result(job: Job, outcome: Outcome) -> StoredResult:
-    """What result.yaml keeps of a done outcome, for recovery: the one place that builds it."""
+    """What a results file keeps of a done outcome, for recovery: the one place that builds it."""
     return StoredResult(
         result=outcome.result,
         attempt=outcome.attempt,

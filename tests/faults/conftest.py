@@ -124,6 +124,13 @@ def executions(script: Path) -> list[str]:
     return [line.split(" ")[0] for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def results_on_disk(out: Path) -> set[str]:
+    """The configs whose result a worker wrote to its results file (kept until a run ends well)."""
+    from resweep import files
+
+    return {name for name, _ in files.read_results(out / files.RESULTS_DIR)}
+
+
 def snapshot(root: Path) -> dict[str, bytes | str]:
     """Every path under root with its bytes (files), its target (links) or 'dir'."""
     if not root.exists():

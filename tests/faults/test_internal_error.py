@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import child_env, executions
+from .conftest import child_env, executions, results_on_disk
 
 N_CONFIGS = 12
 BODY = """
@@ -108,7 +108,8 @@ def test_bug_inside_resweep_stops_saves_and_resumes(
     assert done < set(NAMES), "the bug never fired: lower BUG_AT"
     for name in done:
         assert state[name]["result"] == {"i": int(name[1:])}
-        assert (script.parent / "out" / "configs" / name / "result.yaml").exists()
+    # Every config whose function returned had its result kept before it was recorded.
+    assert done <= results_on_disk(script.parent / "out")
     executed_before = Counter(executions(script))
     assert max(executed_before.values()) == 1
 
@@ -167,8 +168,7 @@ def test_no_config_finishes_unrecorded_after_a_bug(script: Path) -> None:
     failing = run(script, "loky", BUG_IN="resweep.runner.Scheduler.absorb", BUG_AT="3")
     assert failing.returncode == 1, failing.stderr
     state = saved_state(script)
-    configs = script.parent / "out" / "configs"
-    stored = {n for n in NAMES if (configs / n / "result.yaml").exists()}
+    stored = results_on_disk(script.parent / "out")
     assert stored == {n for n, r in state.items() if r["status"] == "done"}
     # Only configs running at the moment of the bug were cut off (one per worker at most);
     # they are todo, and nothing started after the stop.

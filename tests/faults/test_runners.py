@@ -179,11 +179,14 @@ def test_lock_of_a_sigkilled_runner_is_recovered(script: Path, backend: str) -> 
     )
 
 
-def test_result_written_before_a_sigkill_makes_the_config_done(script: Path) -> None:
-    """A config whose result.yaml was written when its runner was SIGKILLed is done, not rerun."""
+@pytest.mark.parametrize("backend", ["threading", "loky"])
+def test_result_written_before_a_sigkill_makes_the_config_done(script: Path, backend: str) -> None:
+    """A runner SIGKILLed right after a worker returned a result, before the state recorded
+    it: the config is done with that result, and never runs again."""
     env = child_env(KILL_IN_ABSORB="1", N_CONFIGS="1")
+    options = ("--backend", backend, "--max-workers", "2", "--noprogress")
     first = subprocess.run(
-        [sys.executable, str(script), "run", *THREADS],
+        [sys.executable, str(script), "run", *options],
         capture_output=True,
         env=env,
         cwd=script.parent,
@@ -192,13 +195,20 @@ def test_result_written_before_a_sigkill_makes_the_config_done(script: Path) -> 
     )
     assert first.returncode == -9, first.stderr
     assert (script.parent / "out" / "journal.jsonl").exists()  # the run did not end cleanly
-    assert (script.parent / "out" / "configs" / "i=0" / "result.yaml").exists()
+    assert '"status": "done"' not in (script.parent / "out" / "journal.jsonl").read_text()
+    # No file of the config's own: the result is in its worker's results file.
+    assert not (script.parent / "out" / "configs" / "i=0").exists()
+    (results,) = (script.parent / "out" / ".results").iterdir()
+    assert '"name": "i=0"' in results.read_text()
     status = run_cli(script, "status", env=child_env(N_CONFIGS="1"))
     assert "1 left running by a run that stopped, now 1 done" in status.stdout
-    second = run_cli(script, "run", *THREADS, env=child_env(N_CONFIGS="1"))
+    second = run_cli(script, "run", *options, env=child_env(N_CONFIGS="1"))
     assert second.returncode == 0, second.stderr
     assert read_state(script)["i=0"]["status"] == "done"
-    assert read_state(script)["i=0"]["result"] == {"i": 0}
+    recovered = read_state(script)["i=0"]
+    assert recovered["result"] == {"i": 0}
+    # Which session and which code produced it came back with it.
+    assert recovered["session"] and recovered["fingerprint"]
     assert executions(script) == ["i=0"]
 
 

@@ -22,11 +22,10 @@ from resweep.errors import ResweepError
 from resweep.files import (
     WORKERS_DIR,
     append_log,
+    clear_earlier_attempt,
     config_path,
     note_started,
-    prepare_config_dir,
     write_failure,
-    write_result,
 )
 from resweep.pools.base import Returned, batch_size, timeout_reason
 from resweep.pools.dask_remote import SCRATCH_PREFIX, JobPlugin, Shipment, run_remote, topic
@@ -35,8 +34,8 @@ from resweep.worker import (
     Outcome,
     Task,
     error_line,
+    keep_result,
     pickle_job,
-    stored_result,
     unstorable,
 )
 
@@ -438,7 +437,7 @@ def _not_started(task: Task) -> dict[str, Any]:
 
 
 def land(job: Job, calls: Any, outcome: Outcome, shipment: Shipment) -> bool:
-    """Write what a remote config shipped under output_dir; whether it recorded calls.
+    """Keep what a remote config shipped under output_dir; whether it recorded calls.
 
     A storage fault is set on the outcome: the config stays todo and the run stops.
     """
@@ -449,10 +448,11 @@ def land(job: Job, calls: Any, outcome: Outcome, shipment: Shipment) -> bool:
         recorded = bool(shipment.entries and calls is not None)
         if recorded:
             cache.add_calls(calls, outcome.name, shipment.entries)
-        prepare_config_dir(config_dir)
+        if outcome.attempt > 1:
+            clear_earlier_attempt(config_dir)
         append_log(config_dir, shipment.log)
         if outcome.ok:
-            write_result(config_dir, stored_result(job, outcome))
+            keep_result(job, outcome)
         elif shipment.trace is not None:
             write_failure(config_dir, outcome.attempt, outcome.end_time, shipment.trace)
     except OSError as exc:

@@ -21,7 +21,7 @@ from resweep import cache
 from resweep.clock import now_iso
 from resweep.durable import is_write_fault
 from resweep.errors import ResweepError
-from resweep.files import CONFIGS_DIR, WORKERS_DIR, Marker, log_header, prepare_config_dir
+from resweep.files import CONFIGS_DIR, WORKERS_DIR, Marker, config_path, log_header
 from resweep.worker import (
     Job,
     Outcome,
@@ -216,10 +216,11 @@ def _execute_remote(remote: _Remote, task: Task, recorded: cache.Calls) -> tuple
     job = remote.job
     start_time = now_iso()
     started = time.perf_counter()
+    # Not made here: ctx.dir makes it when the config first asks for it.
     if remote.shared:
-        config_dir = Path(job.output_dir, CONFIGS_DIR, task.name)
+        config_dir = config_path(job.output_dir, task.name)
     else:
-        config_dir = remote.scratch / CONFIGS_DIR / task.name
+        config_dir = config_path(remote.scratch, task.name)
         # A re-run after a lost worker, or a config's second attempt here, starts clean.
         shutil.rmtree(config_dir, ignore_errors=True)
     log = _TextLog(task.attempt)
@@ -228,10 +229,6 @@ def _execute_remote(remote: _Remote, task: Task, recorded: cache.Calls) -> tuple
     entries: cache.Calls = []
     setup_error = remote.setup_error
     try:
-        if remote.shared:
-            prepare_config_dir(config_dir)  # refuses a symbolic link, as on this machine
-        else:
-            config_dir.mkdir(parents=True, exist_ok=True)
         if job.cache:
             # The scratch cache holds this config's calls so far: a retry pays only for new ones.
             handle = cache.open_cache(remote.scratch)

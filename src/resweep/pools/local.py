@@ -20,7 +20,7 @@ from resweep.errors import ResweepError
 from resweep.files import WORKERS_DIR, Marker, clear_markers, read_markers, request_stop
 from resweep.pools.base import PoolStopped, Returned, batch_size, timeout_reason
 from resweep.processes import kill_tree
-from resweep.recovery import settle
+from resweep.recovery import finished_results, settle
 from resweep.worker import (
     Job,
     Outcome,
@@ -308,8 +308,12 @@ class LocalPool:
             culprit = lost[0].name
         elif not timeouts and len(executing) == 1:
             culprit = executing[0].name
+        results = finished_results(self.job.output_dir)
         for task in lost:
-            settled = settle(self.job.output_dir, task.name, task.attempt, running, interruptions=0)
+            settled = settle(
+                self.job.output_dir, task.name, task.attempt, running, interruptions=0,
+                results=results,
+            )  # fmt: skip
             if settled.fate == "done":
                 returned.done.append((task, settled.fields))
             elif task.name in self.timed_out:
