@@ -10,6 +10,7 @@ from resweep import provenance
 from resweep.files import WORKERS_DIR, read_markers
 from resweep.lock import RunInfo
 from resweep.recovery import read_one_settled, read_settled
+from resweep.selection import Selection
 from resweep.state import State
 from resweep.store import Store
 
@@ -73,9 +74,18 @@ class StatusReport:
         return payload
 
 
-def status_report(store: Store, fingerprint: str | None) -> StatusReport:
-    """Read the experiment once and say what it is doing; fingerprint: the current code's."""
+def status_report(
+    store: Store, fingerprint: str | None, selection: Selection | None = None
+) -> StatusReport:
+    """Read the experiment once and say what it is doing; fingerprint: the current code's.
+
+    With a selection, only the configs it selects count.
+    """
     state, left = read_settled(store)
+    if selection is not None and not selection.everything:
+        chosen = selection.choose({n: r.get("params") for n, r in state.configs.items()})
+        state.configs = {n: state.configs[n] for n in chosen}
+        left = [n for n in left if n in state.configs]
     running: dict[str, str | None] = {
         n: r.get("start_time") for n, r in state.configs.items() if r["status"] == "running"
     }

@@ -14,6 +14,7 @@ from resweep.durable import fault_text, write_atomic
 from resweep.errors import ResweepError, StateError, StorageError
 from resweep.identity import flatten
 from resweep.recovery import read_settled
+from resweep.selection import Selection
 from resweep.state import State
 from resweep.store import Store
 
@@ -91,10 +92,26 @@ def _cells(row: dict[str, Any], columns: list[str]) -> list[Any]:
     return values
 
 
-def save_summary(store: Store, *, force: bool = False, state: State | None = None) -> Path:
-    """Write summary.csv atomically; without force, only when every config is done."""
+def save_summary(
+    store: Store,
+    *,
+    force: bool = False,
+    state: State | None = None,
+    selection: Selection | None = None,
+) -> Path:
+    """Write summary.csv atomically; without force, only when every config is done.
+
+    With a selection, the summary holds the configs it selects, and only they must be done.
+    """
     if state is None:
         state = read_settled(store)[0]
+    if selection is not None and not selection.everything:
+        chosen = selection.choose({n: r.get("params") for n, r in state.configs.items()})
+        state = State(
+            name=state.name,
+            description=state.description,
+            configs={n: state.configs[n] for n in chosen},
+        )
     counts = state.counts()
     if not force and counts["done"] != len(state.configs):
         pending = ", ".join(f"{v} {k}" for k, v in counts.items() if v and k != "done")
