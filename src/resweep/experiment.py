@@ -87,11 +87,15 @@ class Experiment:
                         "instances or dicts"
                     )
                 try:
-                    self._named = identity.name_configs(self.configs, self.config_naming)
+                    named = identity.name_configs(self.configs, self.config_naming)
                 except ConfigError as error:
                     if ";" in str(error):
                         raise
                     raise ConfigError(f"{error}; fix configs or config_naming") from None
+                if any(c.former is not None for c in named.values()) and self.store.exists():
+                    # A state from an older resweep may hold some of them under former names.
+                    named = identity.keep_stored_names(named, self.read_state().configs)
+                self._named = named
         return self._named
 
     def read_state(self) -> State:
