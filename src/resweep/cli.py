@@ -242,6 +242,9 @@ class CLI:
         warning = report.changed_warning
         if warning:
             print(warning)
+        note = report.changed_note
+        if note:
+            print(note)
 
     def replay(
         self,

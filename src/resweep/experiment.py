@@ -193,15 +193,21 @@ class Experiment:
         """What `status` prints: counts, configs running now, failures, code changes."""
         from resweep.status import status_report
 
+        code = provenance.code_digests(self.function)
         return status_report(
-            self.store, provenance.fingerprint(self.function), Selection.of(None, where)
+            self.store,
+            provenance.fingerprint_of(self.function, code),
+            Selection.of(None, where),
+            code=code,
         )
 
     def config_report(self, name: str) -> dict[str, Any]:
         """What `show` prints: one config's record with its provenance and code comparison."""
         from resweep.status import config_report
 
-        return config_report(self.store, str(name), provenance.fingerprint(self.function))
+        code = provenance.code_digests(self.function)
+        fingerprint = provenance.fingerprint_of(self.function, code)
+        return config_report(self.store, str(name), fingerprint, code=code)
 
     def replay(
         self,

@@ -158,9 +158,11 @@ def plan(
         elif (
             rerun_changed
             and fingerprint is not None
-            and provenance.compare(record.get("fingerprint"), fingerprint) is not None
+            and provenance.compare(record.get("fingerprint"), fingerprint)
+            == provenance.FUNCTION_CHANGED
         ):
-            # A fingerprint that cannot be compared (an unknown format) is not a change.
+            # The function or code it calls changed. Edits elsewhere in its module are not a
+            # change, nor is a fingerprint that cannot be compared (an unknown format).
             result.changed.append(name)
         else:
             result.done += 1
