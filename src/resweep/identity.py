@@ -326,6 +326,8 @@ def former_name(name: str, params: Params) -> str | None:
     """
     if name.isascii():
         return None  # readable then as now, or the hash alone then as now
+    if ABBREVIATION in name:
+        return name[-HASH_HEX_DIGITS:]  # the same digest ends the name
     return config_hash(params)
 
 
