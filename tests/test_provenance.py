@@ -447,7 +447,7 @@ def test_status_detects_a_changed_function_and_rerun_changed_reruns_exactly_thos
     assert payload["changed"] == payload["function_changed"] == 3
     assert payload["changed_code"] == ["work"] and "--rerun-changed" in payload["warnings"][0]
     shown = yaml.safe_load(run_script(script, "show", "x=0").stdout)
-    assert shown["code"] == f"differs, {provenance.FUNCTION_CHANGED}: work"
+    assert shown["code"] == f"differs, {provenance.FUNCTION_CHANGED} (work)"
 
     dry = run_script(script, "run", "--dry-run", "--rerun-changed")
     assert [line.split() for line in dry.stdout.splitlines()[1:]] == [

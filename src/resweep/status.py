@@ -188,5 +188,5 @@ def config_report(
             if why == provenance.FUNCTION_CHANGED and isinstance(session, Mapping) and code:
                 differ = provenance.changed_code(session.get("code"), code)
                 if differ:
-                    shown["code"] += f": {', '.join(differ)}"
+                    shown["code"] += f" ({', '.join(differ)})"
     return shown
