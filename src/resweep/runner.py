@@ -265,7 +265,8 @@ class Scheduler:
             self.in_flight[task.name] = task
         for attempt, names in by_attempt.items():
             fields = {"status": "running", "attempts": attempt, "start_time": start_time}
-            fields["end_time"] = None
+            # The session too: recovery trusts only results its own workers wrote.
+            fields["end_time"], fields["session"] = None, self.job.session
             self.writer.update_same(names, fields)
         # Written, not yet synced: a crash now still shows these configs as running.
         self.writer.write(sync=False)
@@ -445,6 +446,7 @@ class Scheduler:
                 executing,
                 interruptions=record.get("interruptions", 0),
                 results=results,
+                session=self.job.session,
             )
             self.writer.update(name, settled.fields)
             if settled.fate == "done":
@@ -529,6 +531,8 @@ def _run_locked(
     if not names:
         if dirty:  # nothing to run and nothing new: a resume of a finished sweep writes nothing
             store.compact(state)
+            # What a dead run's workers left is settled in the state now.
+            remove_worker_files(store.root)
     else:
         if experiment.cache:
             # A broken cache stops the run before it writes anything: every config stays todo.
