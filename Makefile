@@ -1,7 +1,11 @@
 # Every target creates .venv when it is missing, so a fresh clone needs nothing else.
+# `make demo` installs resweep's runtime dependencies only; the other targets add the dev
+# extras (tests and linters). Each install leaves a stamp, so it runs again only when
+# pyproject.toml changes.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+RUNTIME := $(VENV)/.installed
 STAMP := $(VENV)/.installed-dev
 
 .PHONY: demo test test-all lint format bench clean
@@ -10,11 +14,16 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# An install with extras installs the runtime too, so it renews the runtime stamp as well.
+$(RUNTIME): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(RUNTIME)
+
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUNTIME)
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	rm -rf results/quickstart
 	$(BIN)/python experiments/quickstart.py run --max-workers 2 || true
 	@echo "--- running it again runs nothing:"
