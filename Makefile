@@ -15,11 +15,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# An install with extras installs the runtime too, so it renews the runtime stamp as well.
+# --no-compile: byte-compiling all of pandas and numpy up front took longer than the demo
+# itself; Python compiles each module when it is first imported instead.
 $(RUNTIME): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet --no-compile -e .
 	touch $(RUNTIME)
 
+# An install with extras installs the runtime too, so it renews the runtime stamp as well.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP) $(RUNTIME)
