@@ -66,7 +66,7 @@ class RunOptions:
             if importlib.util.find_spec("distributed") is None:
                 raise ResweepError(
                     "the dask backend needs Dask, which is not installed: "
-                    "pip install 'resweep[dask]'"
+                    "pip install 'dask[distributed]>=2024.1' (resweep's dask extra)"
                 )
 
     @property
