@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from resweep import identity, provenance
 from resweep.errors import ConfigError, ResweepError
+from resweep.hooks import HookSpecs
 from resweep.identity import NamedConfig
 from resweep.options import Backend, RunOptions
 from resweep.state import ConfigRecord, State
@@ -42,6 +43,13 @@ class Experiment:
     cache: bool = True
     timeout_s: float | None = None
     retries: int = 0
+    # Lifecycle hooks: objects, classes, functions (event, context, payload=None), dotted
+    # paths, or plugin ids; a sweep file's `hooks:` come after these.
+    hooks: Sequence[Any] = ()
+    # Whether a hook that raises stops the run; None: the sweep file's setting, else True.
+    hooks_fail_fast: bool | None = None
+    # Settings by namespace handed to every hook (context.extensions); over the sweep file's.
+    extensions: Mapping[str, Any] | None = None
     _named: dict[str, NamedConfig] | None = field(
         default=None, init=False, repr=False, compare=False
     )
@@ -63,6 +71,24 @@ class Experiment:
             )
         if self.setup is not None and not isinstance(self.setup, WorkerSetup):
             raise ConfigError("setup must be a resweep.WorkerSetup(common, per_worker)")
+        if isinstance(self.hooks, str | bytes) or not isinstance(self.hooks, Sequence):
+            self.hooks = [self.hooks]  # one hook given alone
+        if self.extensions is not None and not isinstance(self.extensions, Mapping):
+            raise ConfigError(f"extensions must be a mapping, not {type(self.extensions).__name__}")
+
+    def hook_specs(self) -> HookSpecs:
+        """The hooks a run loads: this experiment's, then its sweep file's (load_configs)."""
+        from resweep.sweeps import SweepConfigs
+
+        sweep = self.configs if isinstance(self.configs, SweepConfigs) else SweepConfigs()
+        fail_fast = self.hooks_fail_fast
+        if fail_fast is None:
+            fail_fast = sweep.hooks_fail_fast if sweep.hooks_fail_fast is not None else True
+        return HookSpecs(
+            hooks=[*self.hooks, *sweep.hooks],
+            fail_fast=fail_fast,
+            extensions={**sweep.extensions, **(self.extensions or {})},
+        )
 
     @property
     def store(self) -> Store:
@@ -107,7 +133,7 @@ class Experiment:
         *,
         retry_failed: bool = False,
         reuse_calls: bool = False,
-        backend: Backend = "loky",
+        backend: Backend | str = "loky",
         only: str | None = None,
         fresh: bool = False,
         progress: bool = True,
@@ -245,7 +271,7 @@ class Experiment:
         return record  # type: ignore[no-any-return]
 
     def run_cli(self) -> None:
-        """The command line: run, status, replay, force_summary, clean_index, show."""
+        """The command line: run, status, replay, force_summary, clean_index, show, plugins."""
         from resweep import cli
 
         cli.main(self)

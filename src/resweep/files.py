@@ -30,6 +30,8 @@ RESULT_META_PREFIX = "# resweep: "
 RESULT_BYTES_KEY = "bytes"
 # Where each worker process of a run says which config it is running now.
 WORKERS_DIR = ".workers"
+# Where hooks keep their artifacts: hooks/<hook id>/... (artifacts.ArtifactWriter).
+HOOKS_DIR = "hooks"
 MARKER_BYTES = 1024
 
 
@@ -67,7 +69,7 @@ def prepare_config_dir(config_dir: str | os.PathLike[str]) -> None:
 OWN_ENTRIES = {
     CONFIGS_DIR: True, "cache": True, WORKERS_DIR: True, "cache.lock": False, ".lock": False,
     "run.json": False, "journal.jsonl": False, "experiment.yaml": False, "summary.csv": False,
-    ".finished.json": False, RUN_FAILURE_FILE: False,
+    ".finished.json": False, RUN_FAILURE_FILE: False, HOOKS_DIR: True,
     # The request cache's SQLite files, which diskcache opens by name.
     "cache/cache.db": False, "cache/cache.db-wal": False, "cache/cache.db-shm": False,
 }  # fmt: skip
