@@ -164,7 +164,7 @@ def _from_target(id: str, target: Any) -> Hook:
     if any(callable(getattr(target, event, None)) for event in EVENTS):
         return Hook(id, target)
     raise ConfigError(
-        f"hook {id!r} is a {type(target).__name__}: give a class with on_* methods, an instance "
+        f"hook {id!r} ({type(target).__name__}) is not a hook: give a class with on_* methods, an instance "
         "of one, a function (event, context, payload=None), a hook id or a dotted path"
     )
 

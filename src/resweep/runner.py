@@ -435,7 +435,9 @@ class Scheduler:
             return
         if self.in_flight and hooks.wants("on_config_start"):
             executing = self.pool.executing() or set()
-            for name in executing & self.in_flight.keys():
+            # A retry's start waits for the end of the attempt before it, still to be synced.
+            ending = {name for name, _, _ in self.hooks_ended}
+            for name in (executing & self.in_flight.keys()) - ending:
                 self._config_started(name, self.in_flight[name].attempt)
         if synced and self.hooks_ended:
             ended, self.hooks_ended = self.hooks_ended, []
