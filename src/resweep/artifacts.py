@@ -67,6 +67,8 @@ class ArtifactWriter:
         names = name.split("/") if isinstance(name, str) else [name]
         checked = [check_part(p) for p in names]
         directory = self.root
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True)  # ctx.dir, made when first used
         for part in (*self.parts, *checked[:-1]):
             directory = directory / part
             _make_dir(directory)
