@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from resweep import plugins
 from resweep.artifacts import ArtifactWriter
-from resweep.errors import ConfigError, HookError
+from resweep.errors import ConfigError, HookError, ResweepError
 
 Event = Literal["on_run_start", "on_config_start", "on_config_end", "on_run_end", "on_error"]
 EVENTS: tuple[Event, ...] = (
@@ -154,6 +154,8 @@ def _from_target(id: str, target: Any) -> Hook:
     if inspect.isclass(target):
         try:
             instance = target()
+        except ResweepError:
+            raise
         except Exception as error:
             raise ConfigError(
                 f"hook {id!r}: {target.__qualname__}() failed: {type(error).__name__}: {error}"

@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from resweep.errors import PluginError
 from resweep.hooks import ConfigOutcome, HookContext
 from resweep.identity import flatten
 
@@ -65,6 +66,11 @@ class MlflowHook:
     """Logs every finished config as a nested MLflow run of the experiment's parent run."""
 
     def __init__(self) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            # Refused before the run starts: a bad setup, not a hook failing mid-sweep.
+            raise PluginError("the mlflow hook needs MLflow: pip install 'resweep[mlflow]'")
         self.client: Any = None
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
