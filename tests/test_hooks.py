@@ -259,16 +259,38 @@ def test_on_run_start_raising_stops_before_any_config(tmp_path: Path) -> None:
     assert (tmp_path / "out" / RUN_FAILURE_FILE).exists()
 
 
-def test_replay_fires_no_hooks(tmp_path: Path) -> None:
-    """Replaying configs tells hooks nothing: it changes no outcome."""
+def test_replay_fires_no_hooks_unless_asked_to(tmp_path: Path) -> None:
+    """Replaying configs tells hooks nothing, since it changes no outcome; replay(hooks=True)
+    tells them, as a run whose backend is "replay"."""
     log = tmp_path / "events.txt"
+    recorder = Recorder(log)
     experiment = resweep.Experiment(
-        function=flaky, configs=[{"i": 0}], output_dir=tmp_path / "out", hooks=[Recorder(log)]
+        function=flaky,
+        configs=[{"i": 0}, {"i": 3}],
+        output_dir=tmp_path / "out",
+        hooks=[recorder],
     )
     experiment.run(backend="sequential", progress=False)
     before = log.read_text()
     experiment.replay("i=0")
+    experiment.replay(failed=True)
     assert log.read_text() == before
+
+    log.unlink()
+    recorder.contexts.clear()
+    replays = experiment.replay(failed=True, hooks=True)
+    assert isinstance(replays, list) and len(replays) == 2
+    assert events(log) == [
+        ["on_run_start"],
+        ["on_config_start", "i=0", "1"], ["on_config_end", "i=0", "1", "done"],
+        ["on_config_start", "i=3", "1"], ["on_config_end", "i=3", "1", "failed"],
+        ["on_run_end", "1", "1"],
+    ]  # fmt: skip
+    assert {(c.backend, c.session) for c in recorder.contexts} == {("replay", None)}
+    log.unlink()
+    with pytest.raises(ValueError, match="broken 3"):
+        experiment.replay("i=3", hooks=True)
+    assert events(log)[-1] == ["on_error", "ValueError"]
 
 
 def test_bad_hooks_are_refused_before_anything_runs(tmp_path: Path) -> None:

@@ -213,6 +213,7 @@ class Experiment:
         pdb: bool = False,
         allow_pickle: bool = True,
         failed: bool = False,
+        hooks: bool = False,
     ) -> Replay | list[Replay]:
         """Re-run one config (or every done one) here, every cached call answered from the cache.
 
@@ -220,11 +221,30 @@ class Experiment:
         stops in the post-mortem debugger at an exception. Without a name every done config
         (and, with failed, every failed one) replays, each reported in its Replay.
         allow_pickle=False loads no pickled answer (a result directory from someone else):
-        answers stored as JSON replay, one stored as a pickle is refused.
+        answers stored as JSON replay, one stored as a pickle is refused. Replays fire no hooks
+        unless hooks=True: then the hooks hear the replay as a run whose backend is "replay",
+        with no session; on_run_end's report counts the replayed configs (failed: those that
+        raised).
         """
+        from resweep.hooks import prepare
         from resweep.replay import replay_experiment
 
-        return replay_experiment(self, name, pdb=pdb, failed=failed, allow_pickle=allow_pickle)
+        if not hooks:
+            return replay_experiment(self, name, pdb=pdb, failed=failed, allow_pickle=allow_pickle)
+        dispatcher = prepare(
+            self.hook_specs(),
+            output_dir=self.store.root,
+            experiment=self.name,
+            backend="replay",
+            max_workers=1,
+        )
+        try:
+            return replay_experiment(
+                self, name, pdb=pdb, failed=failed, allow_pickle=allow_pickle, hooks=dispatcher
+            )
+        except (Exception, KeyboardInterrupt) as error:
+            dispatcher.error(error)
+            raise
 
     # -- summaries and maintenance -------------------------------------------------------
 

@@ -300,9 +300,14 @@ class Hooks:
         line = f"{where}: {type(error).__name__}" + (f": {text[0]}" if text else "")
         if self.fail_fast:
             if self.failure is None:
+                stopped = (
+                    "the replay stopped (hooks fail_fast is on)"
+                    if self.backend == "replay"
+                    else "the run stopped (hooks fail_fast is on); state saved, details in "
+                    "run_failure.txt"
+                )
                 self.failure = HookError(
-                    f"{line}; the run stopped (hooks fail_fast is on); state saved, "
-                    "details in run_failure.txt",
+                    f"{line}; {stopped}",
                     f"{line}\n" + "".join(traceback.format_exception(error)),
                 )
             return

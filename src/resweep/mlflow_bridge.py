@@ -81,6 +81,8 @@ class MlflowHook:
     # -- hook events -----------------------------------------------------------------------
 
     def on_run_start(self, context: HookContext) -> None:
+        if context.backend == "replay":
+            return  # a replay changes no outcome: nothing to log
         from mlflow.tracking import MlflowClient
 
         settings = context.settings
@@ -104,8 +106,8 @@ class MlflowHook:
         self._catch_up(context)
 
     def on_config_end(self, context: HookContext, outcome: ConfigOutcome) -> None:
-        if not outcome.final:
-            return  # a retry follows within this run: its outcome is the one to log
+        if not outcome.final or self.client is None:
+            return  # a retry follows within this run (its outcome is the one to log), a replay
         self.log_config(
             outcome.name,
             {
