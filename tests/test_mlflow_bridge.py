@@ -47,8 +47,10 @@ experiment = resweep.Experiment(
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """A file tracking store, and resweep's own entry points as pip would install them."""
+    # For this process too, which reads the runs back.
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     hooks = pyproject["project"]["entry-points"]["resweep.hooks"]
     info = tmp_path / "site" / "resweep_entry_points-0.dist-info"
@@ -71,7 +73,6 @@ def child_runs(env: dict[str, str]) -> tuple[Any, list[Any]]:
     """The experiment's parent run and every run nested under it."""
     from mlflow.tracking import MlflowClient
 
-    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("bridge")
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
