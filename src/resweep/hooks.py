@@ -16,6 +16,7 @@ context.artifacts.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -113,7 +114,10 @@ class Hook:
     def __init__(self, id: str, target: Any) -> None:
         self.id = id
         self.target = target
-        self.is_function = inspect.isfunction(target) or inspect.isbuiltin(target)
+        # An object with any on_* method is an object hook, even if it is callable too.
+        self.is_function = callable(target) and not any(
+            callable(getattr(target, event, None)) for event in EVENTS
+        )
 
     def handler(self, event: Event) -> Callable[..., Any] | None:
         if self.is_function:
@@ -161,10 +165,8 @@ def _from_target(id: str, target: Any) -> Hook:
                 f"hook {id!r}: {target.__qualname__}() failed: {type(error).__name__}: {error}"
             ) from None
         return Hook(id, instance)
-    if inspect.isfunction(target) or inspect.isbuiltin(target):
-        return Hook(id, target)
-    if any(callable(getattr(target, event, None)) for event in EVENTS):
-        return Hook(id, target)
+    if callable(target) or any(callable(getattr(target, event, None)) for event in EVENTS):
+        return Hook(id, target)  # a function (a partial, a callable object) or an object hook
     raise ConfigError(
         f"hook {id!r} ({type(target).__name__}) is not a hook: give a class with on_* methods, an instance "
         "of one, a function (event, context, payload=None), a hook id or a dotted path"
@@ -179,6 +181,8 @@ def load_hook(spec: Any) -> Hook:
         return _from_target(spec, plugins.load("hook", spec))
     if inspect.isclass(spec) or inspect.isfunction(spec):
         return _from_target(_qualified(spec), spec)
+    if isinstance(spec, functools.partial):
+        return _from_target(_qualified(spec.func), spec)
     return _from_target(_qualified(type(spec)), spec)
 
 
