@@ -44,6 +44,8 @@ WORKERS_DIR = ".workers"
 # Each process that runs configs appends their results to .results/<pid>.jsonl.
 RESULTS_DIR = ".results"
 RESULTS_SUFFIX = ".jsonl"
+# Where hooks keep their artifacts: hooks/<hook id>/... (artifacts.ArtifactWriter).
+HOOKS_DIR = "hooks"
 MARKER_BYTES = 1024
 
 
@@ -102,8 +104,8 @@ def clear_earlier_attempt(config_dir: str | os.PathLike[str]) -> None:
 # The entries of output_dir that resweep writes in or through, and whether each is a directory.
 OWN_ENTRIES = {
     CONFIGS_DIR: True, "cache": True, WORKERS_DIR: True, RESULTS_DIR: True, "cache.lock": False,
-    ".lock": False, "run.json": False, "journal.jsonl": False, "experiment.yaml": False, "summary.csv": False,
-    ".finished.json": False, RUN_FAILURE_FILE: False,
+    ".lock": False, "run.json": False, "journal.jsonl": False, "experiment.yaml": False,
+    "summary.csv": False, ".finished.json": False, RUN_FAILURE_FILE: False, HOOKS_DIR: True,
     # The request cache's SQLite files, which diskcache opens by name.
     "cache/cache.db": False, "cache/cache.db-wal": False, "cache/cache.db-shm": False,
 }  # fmt: skip

@@ -100,6 +100,8 @@ class Outcome:
     fault: str | None = None
     # False for a config a worker did not start because the run is stopping: still todo.
     started: bool = True
+    # Where it ran, for hooks: "host:pid", and the thread for a threads pool.
+    worker: str | None = None
 
     def __reduce__(self) -> tuple[type[Outcome], tuple[Any, ...]]:
         return (Outcome, _outcome_values(self))
@@ -370,7 +372,7 @@ def execute(
         ok, result, error, trace = call
         outcome = Outcome(
             task.name, ok, result, error, start_time, now_iso(), time.perf_counter() - started,
-            task.attempt, stats.hits, stats.misses,
+            task.attempt, stats.hits, stats.misses, worker=worker_id(),
         )  # fmt: skip
         try:
             if ok:
@@ -419,6 +421,20 @@ def close_result_log(job: Job) -> None:
         log = _result_logs.pop(job.token, None)
     if log is not None:
         log.close()
+
+
+_host: list[str] = []
+
+
+def worker_id() -> str:
+    """This worker as hooks name it: "host:pid", and "/thread" outside the main thread."""
+    if not _host:
+        import socket
+
+        _host.append(f"{socket.gethostname()}:")
+    thread = threading.current_thread()
+    where = f"{_host[0]}{os.getpid()}"
+    return where if thread is threading.main_thread() else f"{where}/{thread.name}"
 
 
 def stored_result(job: Job, outcome: Outcome) -> StoredResult:
