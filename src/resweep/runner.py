@@ -130,10 +130,18 @@ class RunReport:
 class Stop:
     """What the signal handlers asked for: a graceful stop, then a hard one."""
 
-    def __init__(self, *, raise_on_hard: bool, on_first: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        raise_on_hard: bool,
+        on_first: Callable[[], int] | None = None,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
         # Called at the first Ctrl-C: tells workers to start nothing more, returns how many
         # configs are still running.
         self.on_first = on_first
+        # How the first Ctrl-C's message reaches the user: above the progress bar, if any.
+        self.say = say
         self.requested = False
         self.hard = False
         self.signal_name: str | None = None
@@ -157,12 +165,14 @@ class Stop:
         self.signal_name = name
         running = self.on_first() if self.on_first is not None else None
         waiting = "the running configs" if running is None else f"{running} running configs"
-        print(
-            f"\nresweep: stopping: starting no new config, waiting for {waiting} to finish; "
-            "Ctrl-C again to stop at once",
-            file=sys.__stderr__,
-            flush=True,
+        message = (
+            f"resweep: stopping: starting no new config, waiting for {waiting} to finish; "
+            "Ctrl-C again to stop at once"
         )
+        if self.say is not None:
+            self.say(message)
+        else:
+            print(f"\n{message}", file=sys.__stderr__, flush=True)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -351,7 +361,7 @@ class Scheduler:
         self.writer = writer
         self.pool = pool
         self.retries = retries
-        self.stop = Stop(raise_on_hard=pool.inline, on_first=self._stop_starting)
+        self.stop = Stop(raise_on_hard=pool.inline, on_first=self._stop_starting, say=self.say)
         self.mean_config_s: float | None = None
         self.executed = 0
         self.cache_hits = 0

@@ -201,6 +201,8 @@ def _since(iso_time: str, now: float) -> str:
 # A snapshot shows this many failures, the most recent ones.
 SNAPSHOT_FAILURES = 5
 BAR_WIDTH = 30
+# Config names shorter than this are padded to the longest running one.
+NAME_COLUMN = 40
 
 
 def snapshot_lines(
@@ -233,12 +235,14 @@ def snapshot_lines(
     body: list[str] = []
     if report.running:
         body.append(f"running now ({len(report.running)}):")
+        # Names padded to a column, so that the last log lines start one under the other.
+        column = min(NAME_COLUMN, max(len(name) for name in report.running))
         for name, start_time in report.running.items():
             elapsed = _seconds_since(start_time, now)
             shown = duration_text(elapsed) if elapsed is not None else "?"
-            line = f"  {shown:>7}  attempt {report.attempts.get(name, 1)}  {name}"
+            line = f"  {shown:>7}  attempt {report.attempts.get(name, 1)}  {name:<{column}}"
             last = report.last_log_lines.get(name)
-            body.append(line + (f"  | {last}" if last else ""))
+            body.append((line + (f"  | {last}" if last else "")).rstrip())
     if report.queued:
         body.append(f"{len(report.queued)} more handed to busy workers, not started yet")
     if report.recent_failures:
