@@ -336,19 +336,23 @@ class Marker:
     lock held knows a process still runs a config of a run that is gone (see recovery).
     """
 
-    def __init__(self, markers_dir: str | os.PathLike[str], name: str | None = None) -> None:
+    def __init__(
+        self, markers_dir: str | os.PathLike[str], name: str | None = None, *, locked: bool = True
+    ) -> None:
         path = os.path.join(markers_dir, name or str(os.getpid()))
         self._fd = open_fd(path)
+        # A thread of the coordinator needs no lock: it cannot outlive the run's own process.
+        self._locked = locked
 
     def mark(self, name: str) -> None:
         """Say which config this process runs now ('' for none)."""
         import fcntl
 
         record = f"{time.time():.3f} {name}".encode()[:MARKER_BYTES]
-        if name:
+        if name and self._locked:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         os.pwrite(self._fd, record.ljust(MARKER_BYTES), 0)
-        if not name:
+        if not name and self._locked:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:

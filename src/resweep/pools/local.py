@@ -130,7 +130,8 @@ class _ThreadMarks:
             if marker is None:
                 with self._lock, contextlib.suppress(OSError):
                     file_name = thread_marker_name(os.getpid(), ident)
-                    marker = self._files[ident] = Marker(self._directory, file_name)
+                    marker = Marker(self._directory, file_name, locked=False)
+                    self._files[ident] = marker
             if marker is not None:
                 with contextlib.suppress(OSError):
                     marker.mark(name)
