@@ -133,6 +133,28 @@ def test_enter_prints_a_snapshot_above_the_bar(script: Path) -> None:
         terminal.close()
 
 
+def test_the_first_ctrl_c_says_so_above_the_bar(script: Path) -> None:
+    """The first Ctrl-C's message takes the bar's line and the bar goes on below it: one bar."""
+    (script.parent / "hold").touch()
+    terminal = Terminal(
+        [sys.executable, str(script), "run", "--max-workers", "2"],
+        cwd=script.parent,
+        env=env(EXP_N="3"),
+    )
+    try:
+        wait_for(lambda: len(started(script)) == 2, what="two configs to start")
+        terminal.wait_for(r"0/3 \[")
+        terminal.type("\x03")  # Ctrl-C, from the terminal to the run's process group
+        said = terminal.wait_for(r"\r *\r(\^C)?resweep: stopping: starting no new config")
+        terminal.wait_for(r"0/3 \[", start=said.end())
+        (script.parent / "hold").unlink()
+        assert terminal.wait() == 130, terminal.text
+        assert "done 2, failed 0, todo 1, interrupted 0 (SIGINT)" in terminal.text
+    finally:
+        (script.parent / "hold").unlink(missing_ok=True)
+        terminal.close()
+
+
 @pytest.mark.parametrize("stdin", ["closed", "pipe"])
 def test_a_run_with_stdin_closed_or_piped_runs(script: Path, stdin: str) -> None:
     """A run whose stdin is no terminal never reads it: closed or piped, the run just runs."""

@@ -361,7 +361,9 @@ class Scheduler:
         self.writer = writer
         self.pool = pool
         self.retries = retries
-        self.stop = Stop(raise_on_hard=pool.inline, on_first=self._stop_starting, say=self.say)
+        # Above the bar, if there is one; else on a line of its own, below the terminal's ^C.
+        say = self.say if progress else None
+        self.stop = Stop(raise_on_hard=pool.inline, on_first=self._stop_starting, say=say)
         self.mean_config_s: float | None = None
         self.executed = 0
         self.cache_hits = 0
