@@ -235,3 +235,28 @@ def test_resweeps_own_warnings_are_one_line(script: Path) -> None:
     assert status.returncode == 0
     assert status.stderr.startswith("warning: ") and status.stderr.count("\n") == 1
     assert "todo 1" in status.stdout
+
+
+def test_show_and_replay_suggest_names_with_fields_in_another_order(
+    write_script: Callable[[str], Path],
+) -> None:
+    """show NAME and replay --config with fields out of order suggest the real name."""
+    script = write_script(
+        """
+        def work(config: dict) -> dict:
+            return {"twice": 2 * config["seed"]}
+
+        experiment = resweep.Experiment(
+            function=work,
+            configs=[{"model": m, "seed": s} for m in ("a", "b") for s in (1, 2)],
+            output_dir=OUT,
+        )
+        """
+    )
+    assert run_script(script, *RUN).returncode == 0
+    for command in (("show", "seed=1,model=a"), ("replay", "--config", "seed=1,model=a")):
+        result = run_script(script, *command)
+        assert result.returncode == 2
+        assert_one_line_error(
+            result.stderr, "no config named 'seed=1,model=a'; did you mean 'model=a,seed=1'"
+        )

@@ -126,6 +126,22 @@ def test_record_of_unknown_name_suggests_close_names(tmp_path: Path) -> None:
         experiment.config_record("lr=0.1,model=A")
 
 
+def test_suggestions_find_the_same_fields_in_another_order(tmp_path: Path) -> None:
+    """A name whose key=value pairs are in another order suggests the name that has them, first,
+    even among thousands of names."""
+    experiment = make(tmp_path)
+    experiment.run(backend="sequential", progress=False)
+    with pytest.raises(UnknownConfigError, match=r"did you mean 'lr=0.2,model=b'"):
+        experiment.config_record("model=b,lr=0.2")
+    with pytest.raises(UnknownConfigError, match=r"did you mean 'lr=0.3,model=c'"):
+        experiment.config_record("model=c,seed=0,lr=0.3")  # and a field at its default
+    many = [{"model": f"m{i}", "seed": i % 7} for i in range(3000)]
+    big = resweep.Experiment(function=lambda c: None, configs=many, output_dir=tmp_path / "big")
+    big.run(backend="sequential", progress=False)
+    with pytest.raises(UnknownConfigError, match=r"did you mean 'model=m2024,seed=1'"):
+        big.config_record("seed=1,model=m2024")
+
+
 def test_context_exposes_name_config_dir_shared_attempt(tmp_path: Path) -> None:
     """ctx carries the config's name, config, directory, shared object and attempt."""
     seen: dict[str, Any] = {}

@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -293,3 +294,142 @@ def test_bad_names_leave_an_existing_experiment_untouched(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="clashes"):
         bad.run(backend="sequential", progress=False)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+# --- long names -----------------------------------------------------------------------------
+
+LONG_PROMPT = "answer-step-by-step-and-check-every-intermediate-result"
+
+
+def _within_limits(name: str) -> None:
+    assert len(name) <= identity.MAX_READABLE_NAME_CHARS
+    assert len(name.encode()) <= identity.MAX_NAME_BYTES
+    assert identity.check_name(name, "test") == name
+
+
+def test_a_long_name_keeps_a_readable_prefix_and_a_hash() -> None:
+    """A name too long for 64 characters is cut at a key=value boundary and ends in a hash."""
+    params = {
+        "model": "claude-3",
+        "prompt": "cot",
+        "system": "you-are-a-careful-and-helpful-assistant",
+        "temperature": 0.7,
+    }
+    name = identity.default_name(params)
+    digest = identity.config_hash(params)
+    assert name == f"model=claude-3,prompt=cot,\u2026-{digest}"
+    _within_limits(name)
+    # Another value past the prefix gives the same prefix and another hash.
+    other = identity.default_name({**params, "temperature": 0.8})
+    assert other.startswith("model=claude-3,prompt=cot,\u2026-")
+    assert other != name
+
+
+def test_a_name_whose_first_pair_does_not_fit_is_the_hash_alone() -> None:
+    """No readable prefix (the first pair too long, or unreadable) leaves the 12-hex hash."""
+    for params in ({"model": "x" * 70, "seed": 1}, {"a": "two words", "b": 1}):
+        assert identity.default_name(params) == identity.config_hash(params)
+    # An unreadable pair later on keeps the pairs before it.
+    params = {"a": 1, "b": "two words"}
+    assert identity.default_name(params) == f"a=1,\u2026-{identity.config_hash(params)}"
+
+
+@pytest.mark.parametrize("letter", ["é", "日", "\U00020000"], ids=["2 bytes", "3 bytes", "4 bytes"])
+def test_names_with_multi_byte_letters_stay_within_chars_and_bytes(letter: str) -> None:
+    """Letters of any script are readable; a name never passes 64 characters or 255 bytes."""
+    short = {"model": letter * 3, "seed": 1}
+    assert identity.default_name(short) == f"model={letter * 3},seed=1"
+    for width in range(1, 80, 7):
+        params = {f"k{i}": letter * width for i in range(6)}
+        name = identity.default_name(params)
+        _within_limits(name)
+        readable = ",".join(f"k{i}={letter * width}" for i in range(6))
+        assert name == readable or name.endswith(identity.config_hash(params))
+
+
+def test_decomposed_letters_and_marks_are_not_readable() -> None:
+    """A string not in composed form, or with a combining mark or emoji, is not spelled out."""
+    for value in ("nai\u0308ve", "a\u200db", "party\U0001f389"):
+        assert identity.default_name({"m": value}) == identity.config_hash({"m": value})
+
+
+def test_long_names_are_the_same_in_every_process() -> None:
+    """The abbreviated name depends on the config only, not on the process's hash seed."""
+    params = {"model": "claude-3", "prompt": LONG_PROMPT, "temperature": 0.7}
+    code = f"from resweep import identity; print(identity.default_name({params!r}))"
+    names = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONIOENCODING": "utf-8"},
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert names == {identity.default_name(params)}
+
+
+@dataclass(frozen=True)
+class Prompted:
+    model: str
+    prompt: str
+    temperature: float = 0.0
+    seed: int = 0
+
+
+GOLDEN_HASHED = Path(__file__).parent / "data" / "state_v1_hashed_names.yaml"
+# The configs of the golden state, in order: resweep 0.1.0 named all but the first by a hash.
+HASHED_CONFIGS = [
+    Prompted("claude-3", "cot", 0.7),
+    Prompted("claude-3", LONG_PROMPT, 0.7),
+    Prompted("claude-3", LONG_PROMPT, 0.7, seed=1),
+    Prompted("naïve", "cot"),
+    Prompted("gpt-4", "two words"),
+]
+STORED_NAMES = [
+    "model=claude-3,prompt=cot,temperature=0.7",
+    "398e6105e77f",
+    "79ef585a8a1b",
+    "adde97baccae",
+    "fd05824cc1ee",
+]
+
+
+def prompt_length(config: Prompted) -> dict[str, int]:
+    return {"length": len(config.prompt) + config.seed}
+
+
+def test_an_old_state_keeps_its_hashed_names(tmp_path: Path) -> None:
+    """Configs an older resweep named by a hash keep those names: nothing new, nothing renamed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(GOLDEN_HASHED, out / "experiment.yaml")
+    experiment = resweep.Experiment(
+        function=prompt_length, configs=HASHED_CONFIGS, output_dir=out, name="hashed-names"
+    )
+    assert list(experiment.named_configs()) == STORED_NAMES
+    plan = experiment.plan()
+    assert (plan.new, plan.todo, plan.done) == ([], [STORED_NAMES[0], STORED_NAMES[2]], 3)
+    report = experiment.run(backend="sequential", progress=False)
+    assert (report.done, report.executed) == (5, 2)
+    state = experiment.read_state()
+    assert list(state.configs) == STORED_NAMES
+    assert state.configs["79ef585a8a1b"]["result"] == {"length": len(LONG_PROMPT) + 1}
+    # A config added now gets a name of today's kind, next to the old ones.
+    grown = resweep.Experiment(
+        function=prompt_length,
+        configs=[*HASHED_CONFIGS, Prompted("claude-3", LONG_PROMPT, 0.7, seed=2)],
+        output_dir=out,
+        name="hashed-names",
+    )
+    assert grown.run(backend="sequential", progress=False).executed == 1
+    names = list(grown.read_state().configs)
+    assert names[:5] == STORED_NAMES
+    assert names[5].startswith("model=claude-3,\u2026-")
+    assert grown.clean_index() == []
+    # In a fresh directory the same configs get today's names.
+    fresh = resweep.Experiment(
+        function=prompt_length, configs=HASHED_CONFIGS, output_dir=tmp_path / "new"
+    )
+    assert list(fresh.named_configs())[3] == "model=naïve,prompt=cot"

@@ -129,17 +129,101 @@ def test_fingerprint_is_stable_for_the_same_code(
 def test_fingerprint_tells_function_changes_from_module_changes(
     modules: Callable[[str, str], ModuleType],
 ) -> None:
-    """Editing the function changes its part; editing a helper changes only the module part."""
+    """Editing the function or a helper it calls changes the function's part; editing code it
+    does not call, or a comment, changes only the module part."""
     before = provenance.fingerprint(modules("v1", MODULE).work)
     function = modules("v2", MODULE.replace('{"y": helper(config)}', '{"y": helper(config) * 2}'))
     helper = modules("v3", MODULE.replace("return x + 1", "return x + 2"))
+    unrelated = modules("v4", MODULE.replace('{"y": config}', '{"y": -config}') + "# note\n")
     assert provenance.compare(before, provenance.fingerprint(function.work)) == (
         provenance.FUNCTION_CHANGED
     )
     assert provenance.compare(before, provenance.fingerprint(helper.work)) == (
+        provenance.FUNCTION_CHANGED
+    )
+    assert provenance.compare(before, provenance.fingerprint(unrelated.work)) == (
         provenance.MODULE_CHANGED
     )
     assert provenance.compare(None, before) is None
+    old = provenance.code_digests(modules("v5", MODULE).work)
+    assert sorted(old) == ["helper", "work"]
+    assert provenance.changed_code(old, provenance.code_digests(helper.work)) == ["helper"]
+    assert provenance.changed_code(old, provenance.code_digests(unrelated.work)) == []
+    assert provenance.changed_code(None, old) is None
+
+
+HELPERS = """\
+LIMITS = {"low": 1, "high": frozenset({"a", "b", "c"})}
+
+
+def scale(x):
+    return x * 2
+
+
+class Model:
+    def predict(self, x):
+        return scale(x) + LIMITS["low"]
+"""
+
+USER = """\
+import os
+
+import {helpers}
+from {helpers} import Model
+
+PREFIX = "p-"
+
+
+def work(config):
+    return {{"y": Model().predict(config), "tag": PREFIX + os.sep, "z": {helpers}.scale(1)}}
+
+
+def unused():
+    return 0
+"""
+
+
+def test_code_digests_follow_calls_into_other_project_modules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the function calls in another module of the project counts as the function: classes,
+    their methods' calls, constants; the standard library and code it never calls do not."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "helpers_a.py").write_text(HELPERS, encoding="utf-8")
+    user = load_module(tmp_path / "user_a.py", USER.format(helpers="helpers_a"))
+    code = provenance.code_digests(user.work)
+    assert sorted(code) == [
+        "PREFIX",
+        "helpers_a.LIMITS",
+        "helpers_a.Model",
+        "helpers_a.scale",
+        "work",
+    ]
+    before = provenance.fingerprint(user.work)
+    # The same code in another process gives the same digests: no hash seed in a set's order.
+    program = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import user_a; "
+        "from resweep import provenance; print(provenance.fingerprint(user_a.work))"
+    )
+    for seed in ("1", "2"):
+        out = subprocess.run(
+            [sys.executable, "-c", program],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        assert out.stdout.strip() == before
+    # The helper module edited, the user's module unchanged: only the helper is named.
+    (tmp_path / "helpers_a.py").write_text(HELPERS.replace("x * 2", "x * 20"), encoding="utf-8")
+    monkeypatch.delitem(sys.modules, "helpers_a")
+    changed = load_module(tmp_path / "user_b.py", USER.format(helpers="helpers_a"))
+    assert provenance.compare(before, provenance.fingerprint(changed.work)) == (
+        provenance.FUNCTION_CHANGED
+    )
+    assert provenance.changed_code(code, provenance.code_digests(changed.work)) == [
+        "helpers_a.scale"
+    ]
 
 
 def test_fingerprint_sees_through_decorators_partials_and_callables(
@@ -222,6 +306,8 @@ UNKNOWN_FINGERPRINTS = [
     "v2:0749b8ecfae8f366.f366a01b2c4d",
     "v2:0749B8ECFAE8.F366A01B2C4D",
     "v2:",
+    "v3:0749b8ecfae8.f366a01b2c4d",
+    "v2:0749b8ecfae8.f366a01b2c4d.0749b8ecfae8",
     "",
     42,
     ["0749b8ecfae8", "f366a01b2c4d"],
@@ -243,14 +329,14 @@ def test_a_fingerprint_in_an_older_or_unknown_format_reads_as_unknown(
 def test_the_current_format_is_versioned_and_round_trips_through_the_state(
     tmp_path: Path,
 ) -> None:
-    """A fingerprint written to the state file reads back equal and comparable, as v2."""
+    """A fingerprint written to the state file reads back equal and comparable, as v3."""
     experiment = resweep.Experiment(
         function=square, configs=resweep.grid(Config, model=["a"], lr=[0.1]), output_dir=tmp_path
     )
     experiment.run(backend="sequential", progress=False)
     current = provenance.fingerprint(square)
     assert current.startswith(f"v{provenance.FINGERPRINT_VERSION}:")
-    assert len(current) == len("v2:") + 2 * provenance.DIGEST_HEX_DIGITS + 1
+    assert len(current) == len("v3:") + 3 * provenance.DIGEST_HEX_DIGITS + 2
     (record,) = Store(tmp_path).read().configs.values()
     (as_yaml,) = yaml.safe_load((tmp_path / "experiment.yaml").read_text())["configs"].values()
     assert record["fingerprint"] == as_yaml["fingerprint"] == current
@@ -262,7 +348,8 @@ def test_the_current_format_is_versioned_and_round_trips_through_the_state(
 def test_an_unversioned_fingerprint_compares_as_version_1(
     modules: Callable[[str, str], ModuleType],
 ) -> None:
-    """The unversioned "<function>.<module>" form written before versions still compares."""
+    """The unversioned "<function>.<module>" form written before versions still compares, by
+    the function's own source: an edit to a helper it calls reads as a module change there."""
     current = provenance.fingerprint(modules("v1", MODULE).work)
     function = provenance.fingerprint(
         modules("v2", MODULE.replace('{"y": helper(config)}', '{"y": helper(config) * 2}')).work
@@ -272,12 +359,17 @@ def test_an_unversioned_fingerprint_compares_as_version_1(
     )
 
     def unversioned(fingerprint: str) -> str:
-        return fingerprint.partition(":")[2]
+        return ".".join(fingerprint.partition(":")[2].split(".")[:2])
+
+    def version_2(fingerprint: str) -> str:
+        return f"v2:{unversioned(fingerprint)}"
 
     assert provenance.comparable(unversioned(current))
     assert provenance.compare(unversioned(current), current) is None
     assert provenance.compare(unversioned(function), current) == provenance.FUNCTION_CHANGED
     assert provenance.compare(unversioned(helper), current) == provenance.MODULE_CHANGED
+    assert provenance.compare(version_2(current), current) is None
+    assert provenance.compare(version_2(function), current) == provenance.FUNCTION_CHANGED
     configs = {
         "same": {"status": "done", "fingerprint": unversioned(current)},
         "function": {"status": "done", "fingerprint": unversioned(function)},
@@ -349,13 +441,13 @@ def test_status_detects_a_changed_function_and_rerun_changed_reruns_exactly_thos
     new_record = state(tmp_path)["configs"]["x=3"]
 
     status = run_script(script, "status")
-    assert "warning: 3 done configs were produced by code that differs" in status.stdout
-    assert "3 by a different function" in status.stdout
+    assert "warning: 3 done configs were produced before changes to work;" in status.stdout
     assert "run --rerun-changed" in status.stdout
     payload = json.loads(run_script(script, "status", "--json").stdout)
-    assert payload["changed"] == 3 and "--rerun-changed" in payload["warnings"][0]
+    assert payload["changed"] == payload["function_changed"] == 3
+    assert payload["changed_code"] == ["work"] and "--rerun-changed" in payload["warnings"][0]
     shown = yaml.safe_load(run_script(script, "show", "x=0").stdout)
-    assert shown["code"] == f"differs, {provenance.FUNCTION_CHANGED}"
+    assert shown["code"] == f"differs, {provenance.FUNCTION_CHANGED} (work)"
 
     dry = run_script(script, "run", "--dry-run", "--rerun-changed")
     assert [line.split() for line in dry.stdout.splitlines()[1:]] == [
@@ -370,11 +462,21 @@ def test_status_detects_a_changed_function_and_rerun_changed_reruns_exactly_thos
     assert len(data["sessions"]) == 3
     assert "warning" not in run_script(script, "status").stdout
 
-    # A change elsewhere in the module is reported as such.
-    script.write_text(script.read_text() + "\n# a comment\n")
+    # A change elsewhere in the module (a grid shrunk, a comment) is one quiet line, no warning,
+    # and --rerun-changed leaves those configs alone.
+    script.write_text(
+        script.read_text() + "\n\ndef unused():  # a helper nothing calls\n    pass\n"
+    )
     status = run_script(script, "status")
-    assert "4 done configs" in status.stdout
-    assert "4 by other changes to its module" in status.stdout
+    assert "warning" not in status.stdout
+    assert status.stdout.splitlines()[-1] == (
+        "4 done configs were produced before edits elsewhere in the function's module; "
+        "the function and the code it calls are unchanged, so they count as current"
+    )
+    payload = json.loads(run_script(script, "status", "--json").stdout)
+    assert (payload["changed"], payload["function_changed"], payload["warnings"]) == (4, 0, [])
+    dry = run_script(script, "run", "--dry-run", "--rerun-changed")
+    assert dry.stdout.startswith("would run 0 configs")
 
 
 def test_a_recovered_config_keeps_its_session_and_fingerprint(tmp_path: Path) -> None:
@@ -408,7 +510,7 @@ def test_status_show_and_rerun_changed_leave_unknown_fingerprints_alone(
     assert run_script(script, "run", "--backend", "sequential", "--progress=False").returncode == 0
     path = tmp_path / "out" / "experiment.yaml"
     current = state(tmp_path)["configs"]["x=0"]["fingerprint"]
-    module = current.partition(".")[2]
+    module = current.split(".")[1]
     # x=0: the first format, one digest; x=1: the unversioned form, from another function.
     recorded = {"x=0": "0749b8ecfae8f366", "x=1": f"{'0' * provenance.DIGEST_HEX_DIGITS}.{module}"}
     lines = path.read_text().splitlines(keepends=True)
@@ -419,7 +521,7 @@ def test_status_show_and_rerun_changed_leave_unknown_fingerprints_alone(
     path.write_text("".join(lines))
 
     status = run_script(script, "status").stdout
-    assert "warning: 1 done configs were produced by code that differs" in status
+    assert "warning: 1 done configs were produced by a different version" in status
     shown = yaml.safe_load(run_script(script, "show", "x=0").stdout)
     assert shown["code"] == "cannot tell, its fingerprint is in an older or unknown format"
     shown = yaml.safe_load(run_script(script, "show", "x=1").stdout)

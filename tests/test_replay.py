@@ -353,3 +353,31 @@ def test_a_copied_cache_replays_json_answers_and_refuses_pickles_with_no_pickle(
     every = theirs.replay(allow_pickle=False)
     assert sorted(r.kind for r in every) == ["equal", "raised"]
     assert all(r.equal for r in theirs.replay())  # with pickles allowed, both replay
+
+
+def logging_evaluate(config: Config, ctx: resweep.Context) -> dict[str, Any]:
+    ctx.log.info("asking about %s", config.model)
+    ctx.log.warning("two\nlines")
+    return evaluate(config, ctx)
+
+
+def test_replay_prefixes_every_log_line_with_the_config_name(
+    tmp_path: Path, calls: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Replaying many configs, every ctx.log line on stderr says which config wrote it."""
+    experiment = resweep.Experiment(
+        function=logging_evaluate,
+        configs=resweep.grid(Config, model=["a", "b"], seed=[0, 1]),
+        output_dir=tmp_path / "out",
+    )
+    experiment.run(backend="sequential", progress=False)
+    capsys.readouterr()
+    replays = experiment.replay()
+    assert isinstance(replays, list) and all(r.equal for r in replays)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 * 4
+    for replay in replays:
+        mine = [line for line in lines if line.startswith(f"[{replay.name}] ")]
+        assert len(mine) == 3
+        assert f"INFO asking about {replay.name[len('model=') :][0]}" in mine[0]
+        assert mine[2] == f"[{replay.name}] lines"

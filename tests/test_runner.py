@@ -15,7 +15,7 @@ import yaml
 import resweep
 from conftest import Config
 from resweep import files
-from resweep.errors import ConfigError
+from resweep.errors import ConfigError, SelectionError
 
 BACKENDS = ["sequential", "threading", "loky"]
 CONFIGS = [Config("a", 0.1), Config("b", 0.2), Config("c", 0.3, seed=1), Config("d", 0.4)]
@@ -325,12 +325,14 @@ def test_retry_failed_reruns_only_failed_configs(tmp_path: Path) -> None:
 
 
 def test_only_runs_the_configs_matching_a_glob(tmp_path: Path) -> None:
-    """only='*model=[ab]' runs two configs and leaves the others todo."""
+    """only='*model=[ab]' runs two configs and leaves the others todo; a glob matching none is
+    an error."""
     experiment = make(tmp_path, fine)
     report = run(experiment, only="*model=[ab]")
     assert (report.done, report.todo, report.executed) == (2, 2, 2)
     assert experiment.status() == {"todo": 2, "running": 0, "done": 2, "failed": 0}
-    assert run(experiment, only="nothing*").executed == 0
+    with pytest.raises(SelectionError, match=r"--only 'nothing\*' matches none of 4 configs"):
+        run(experiment, only="nothing*")
 
 
 def test_hand_edit_failed_to_todo_is_honoured(tmp_path: Path) -> None:

@@ -250,3 +250,47 @@ def test_strings_that_look_missing_stay_strings(tmp_path: Path) -> None:
     assert frame.loc[0, "other"] == "null"
     assert frame.loc[0, "score"] == 0.5
     assert frame["error"].isna().all()
+
+
+def mixed(config: dict[str, Any]) -> dict[str, Any]:
+    if config["i"] == 3:
+        raise RuntimeError("three")
+    return {
+        "count": config["i"],
+        "maybe": None if config["i"] == 1 else config["i"] * 2,
+        "ratio": config["i"] / 4,
+        "ok": config["i"] % 2 == 0,
+        "text": f"t{config['i']}",
+        "code": "007",
+        "items": [config["i"], "x"],
+        "nested": {"depth": config["i"]},
+    }
+
+
+def test_open_and_load_summary_give_the_same_dtypes_and_values(tmp_path: Path) -> None:
+    """The notebook view and load_summary follow one dtype policy: plain int64, float64, bool,
+    string and category, the same frame for the same state."""
+    configs = [{"i": i, "tag": f"x{i}", "lr": i / 10, "flag": i > 1} for i in range(5)]
+    experiment = resweep.Experiment(
+        function=mixed, configs=configs, output_dir=tmp_path / "out", cache=False
+    )
+    experiment.run(backend="sequential", progress=False)
+    experiment.save_summary(force=True)
+    loaded = resweep.load_summary(tmp_path / "out")
+    view = resweep.open(tmp_path / "out")
+    pd.testing.assert_frame_equal(view.summary(), loaded)
+    done = loaded[loaded["status"] == "done"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(view.results, done)
+    configs_frame = view.configs
+    for column in configs_frame.columns:
+        assert configs_frame[column].dtype == loaded[column].dtype, column
+    dtypes = {column: str(dtype) for column, dtype in loaded.dtypes.items()}
+    assert dtypes["i"] == dtypes["attempts"] == dtypes["cache_hits"] == "int64"
+    assert dtypes["lr"] == dtypes["ratio"] == dtypes["duration_s"] == "float64"
+    # Whole numbers that the failed config (and a None) leave missing: float64 with NaN.
+    assert dtypes["count"] == dtypes["maybe"] == "float64"
+    assert dtypes["flag"] == "bool"
+    assert dtypes["tag"] == dtypes["name"] == dtypes["code"] == dtypes["error"] == "string"
+    assert dtypes["status"] == "category"
+    assert dtypes["ok"] == "object"  # true/false, and missing for the failed config
+    assert loaded.loc[0, "items"] == '[0, "x"]'

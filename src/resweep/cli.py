@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 from resweep.errors import CacheMiss, ResweepError, ResweepWarning
 from resweep.options import Backend, RunOptions
 from resweep.pools.local import pool_released_at_end
+from resweep.selection import parse_where
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from pathlib import Path
 
     from resweep.planning import Plan
@@ -35,10 +37,15 @@ class Commands(Protocol):
     def run_with(self, options: RunOptions) -> RunReport: ...
 
     def plan(
-        self, *, retry_failed: bool = False, only: str | None = None, rerun_changed: bool = False
+        self,
+        *,
+        retry_failed: bool = False,
+        only: str | None = None,
+        where: Mapping[str, Any] | None = None,
+        rerun_changed: bool = False,
     ) -> Plan: ...
 
-    def status_report(self) -> StatusReport: ...
+    def status_report(self, *, where: Mapping[str, Any] | None = None) -> StatusReport: ...
 
     def config_report(self, name: str) -> dict[str, Any]: ...
 
@@ -49,9 +56,12 @@ class Commands(Protocol):
         pdb: bool = False,
         allow_pickle: bool = True,
         failed: bool = False,
+        where: Mapping[str, Any] | None = None,
     ) -> Replay | list[Replay]: ...
 
-    def save_summary(self, force: bool = False) -> Path: ...
+    def save_summary(
+        self, force: bool = False, *, where: Mapping[str, Any] | None = None
+    ) -> Path: ...
 
     def clean_index(self) -> list[str]: ...
 
@@ -73,6 +83,38 @@ def _quote_names(argv: list[str]) -> list[str]:
     if out and out[0] in _NAME_COMMANDS and len(out) > 1 and not out[1].startswith("--"):
         out[1] = repr(argv[1])
     return out
+
+
+def _gather_where(argv: list[str]) -> list[str]:
+    """Every --where KEY=GLOB as one option holding their list: fire would keep only the last."""
+    out: list[str] = []
+    found: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            out += argv[i:]
+            break
+        if arg.startswith("--where="):
+            found.append(arg[len("--where=") :])
+        elif arg == "--where":
+            if i + 1 >= len(argv):
+                raise ResweepError("--where takes KEY=GLOB, like --where model='gpt-*'")
+            found.append(argv[i + 1])
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    if found:
+        out.insert(1 if out else 0, f"--where={found!r}")
+    return out
+
+
+def _where(where: Any) -> dict[str, list[str]] | None:
+    """--where as fire hands it over (after _gather_where, a list of KEY=GLOB), as a mapping."""
+    if where is None:
+        return None
+    return parse_where(where if isinstance(where, list | tuple) else [where])
 
 
 def _elapsed(start_time: str | None) -> str:
@@ -109,6 +151,7 @@ class CLI:
         backend: Backend = "loky",
         scheduler: str | None = None,
         only: str | None = None,
+        where: Any = None,
         fresh: bool = False,
         dry_run: bool = False,
         rerun_changed: bool = False,
@@ -116,7 +159,10 @@ class CLI:
         progress: bool = True,
         fail_fast: bool = False,
     ) -> None:
-        """Run every config that is not done; Ctrl-C saves and stops (exit 130)."""
+        """Run every config that is not done; Ctrl-C saves and stops (exit 130).
+
+        --only GLOB takes the configs whose names match; --where KEY=GLOB (repeatable) those whose
+        field KEY (dotted for nested) matches GLOB."""
         options = RunOptions(
             max_workers=max_workers,
             retry_failed=retry_failed,
@@ -124,6 +170,7 @@ class CLI:
             backend=backend,
             scheduler=scheduler,
             only=only,
+            where=_where(where),
             fresh=fresh,
             rerun_changed=rerun_changed,
             break_lock=break_lock,
@@ -133,7 +180,10 @@ class CLI:
         if dry_run:
             print(
                 self._experiment.plan(
-                    retry_failed=retry_failed, only=options.only, rerun_changed=rerun_changed
+                    retry_failed=retry_failed,
+                    only=options.only,
+                    where=options.where,
+                    rerun_changed=rerun_changed,
                 ).describe()
             )
             return
@@ -160,15 +210,19 @@ class CLI:
             print(f"summary written to {report.summary}")
         _exit(report.exit_code)
 
-    def status(self, failed: bool = False, json: bool = False, watch: bool = False) -> None:
+    def status(
+        self, failed: bool = False, json: bool = False, where: Any = None, watch: bool = False
+    ) -> None:
         """Counts by status, the configs running now, and with --failed each failure's error;
-        --watch refreshes it every second until the run ends (Ctrl-C stops watching, exit 0)."""
+        --where KEY=GLOB counts only the configs whose fields match; --watch refreshes it every
+        second until the run ends (Ctrl-C stops watching, exit 0)."""
+        selected = _where(where)
         if watch:
             if json:
                 raise ResweepError("status --watch is for a person; use --json without --watch")
-            self._watch()
+            self._watch(selected)
             return
-        report = self._experiment.status_report()
+        report = self._experiment.status_report(where=selected)
         if json:
             print(jsonlib.dumps(report.as_json(failed=failed), indent=2))
             return
@@ -203,8 +257,11 @@ class CLI:
         warning = report.changed_warning
         if warning:
             print(warning)
+        note = report.changed_note
+        if note:
+            print(note)
 
-    def _watch(self) -> None:
+    def _watch(self, where: Mapping[str, Any] | None) -> None:
         """Draw the snapshot again every WATCH_EVERY_S until no run is active.
 
         On a terminal it is redrawn in place; into a pipe or a file each snapshot follows the
@@ -220,7 +277,7 @@ class CLI:
         watched = False
         try:
             while True:
-                report = self._experiment.status_report()
+                report = self._experiment.status_report(where=where)
                 active = report.active_run is not None
                 watched = watched or active
                 if terminal:
@@ -252,12 +309,17 @@ class CLI:
         failed: bool = False,
         pdb: bool = False,
         no_pickle: bool = False,
+        where: Any = None,
     ) -> None:
         """Re-run configs here with every cached call answered from the cache: one config, done
-        or failed, or every done one (and failed one, with --failed); --pdb debugs an exception."""
+        or failed, or every done one (and failed one, with --failed); --pdb debugs an exception;
+        --where KEY=GLOB replays only the configs whose fields match."""
+        selected = _where(where)
         if config is not None:
             try:
-                outcome = self._experiment.replay(str(config), pdb=pdb, allow_pickle=not no_pickle)
+                outcome = self._experiment.replay(
+                    str(config), pdb=pdb, allow_pickle=not no_pickle, where=selected
+                )
             except CacheMiss as miss:
                 print(f"CacheMiss: {miss}", file=sys.stderr)
                 _exit(2)
@@ -269,7 +331,7 @@ class CLI:
             replays = outcome if isinstance(outcome, list) else [outcome]
         else:
             found = self._experiment.replay(
-                None, pdb=pdb, failed=failed, allow_pickle=not no_pickle
+                None, pdb=pdb, failed=failed, allow_pickle=not no_pickle, where=selected
             )
             replays = found if isinstance(found, list) else [found]
         kinds = Counter(replay.kind for replay in replays)
@@ -282,9 +344,10 @@ class CLI:
         )
         _exit(2 if kinds["cache miss"] else 1 if kinds["differ"] or kinds["raised"] else 0)
 
-    def force_summary(self) -> None:
-        """Write summary.csv now, whatever the configs' statuses."""
-        print(self._experiment.save_summary(force=True))
+    def force_summary(self, where: Any = None) -> None:
+        """Write summary.csv now, whatever the configs' statuses; with --where KEY=GLOB, of the
+        configs whose fields match."""
+        print(self._experiment.save_summary(force=True, where=_where(where)))
 
     def clean_index(self) -> None:
         """Drop from the state the configs the script no longer declares."""
@@ -368,7 +431,8 @@ def main(experiment: Commands, argv: list[str] | None = None) -> None:
     warnings.formatwarning = _one_line_warning
     try:
         _check_options(raw)
-        fire.Fire(CLI(experiment), command=_quote_names(raw), name=sys.argv[0].rsplit("/", 1)[-1])
+        command = _quote_names(_gather_where(raw))
+        fire.Fire(CLI(experiment), command=command, name=sys.argv[0].rsplit("/", 1)[-1])
     except ResweepError as error:
         print(f"error: {error}", file=sys.stderr)
         _exit(2)

@@ -19,6 +19,10 @@ class UnknownConfigError(ResweepError):
     """A config name that the experiment does not have."""
 
 
+class SelectionError(ResweepError):
+    """An --only or --where selection that names no field or matches no config."""
+
+
 class ResultError(ResweepError):
     """A config returned something that cannot be stored as YAML."""
 

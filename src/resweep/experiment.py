@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +13,7 @@ from resweep import identity, provenance
 from resweep.errors import ConfigError, ResweepError
 from resweep.identity import NamedConfig
 from resweep.options import Backend, RunOptions
+from resweep.selection import Selection
 from resweep.state import ConfigRecord, State
 from resweep.store import Store
 from resweep.worker import WorkerSetup
@@ -86,11 +87,15 @@ class Experiment:
                         "instances or dicts"
                     )
                 try:
-                    self._named = identity.name_configs(self.configs, self.config_naming)
+                    named = identity.name_configs(self.configs, self.config_naming)
                 except ConfigError as error:
                     if ";" in str(error):
                         raise
                     raise ConfigError(f"{error}; fix configs or config_naming") from None
+                if any(c.former is not None for c in named.values()) and self.store.exists():
+                    # A state from an older resweep may hold some of them under former names.
+                    named = identity.keep_stored_names(named, self.read_state().configs)
+                self._named = named
         return self._named
 
     def read_state(self) -> State:
@@ -109,6 +114,7 @@ class Experiment:
         reuse_calls: bool = False,
         backend: Backend = "loky",
         only: str | None = None,
+        where: Mapping[str, Any] | None = None,
         fresh: bool = False,
         progress: bool = True,
         break_lock: bool = False,
@@ -119,7 +125,10 @@ class Experiment:
         """Run every todo config (and failed ones with retry_failed); resumable at any point.
 
         A failed attempt's cached calls are kept as its record; the next attempt asks afresh,
-        unless reuse_calls answers a retried failed config from that record.
+        unless reuse_calls answers a retried failed config from that record. only is a glob on
+        names, where a mapping of field (dotted for nested) to glob, or list of globs:
+        where={"model": "gpt-*", "temperature": 0.7}. A selection that matches no config is a
+        SelectionError.
 
         Beyond the contract: break_lock takes over a lock whose holder cannot be proven dead,
         scheduler is a Dask scheduler address, rerun_changed also runs done configs whose code
@@ -131,6 +140,7 @@ class Experiment:
             reuse_calls=reuse_calls,
             backend=backend,
             only=only,
+            where=where,
             fresh=fresh,
             progress=progress,
             break_lock=break_lock,
@@ -147,11 +157,17 @@ class Experiment:
         return runner.run_experiment(self, options)
 
     def plan(
-        self, *, retry_failed: bool = False, only: str | None = None, rerun_changed: bool = False
+        self,
+        *,
+        retry_failed: bool = False,
+        only: str | None = None,
+        where: Mapping[str, Any] | None = None,
+        rerun_changed: bool = False,
     ) -> Plan:
         """What run() would do now, by category; reads the state and writes nothing."""
         from resweep import planning
 
+        selection = Selection.of(only, where)
         named = self.named_configs()
         # Read as the run would find it: configs a dead run left running, settled.
         state = self.read_state() if self.store.exists() else State()
@@ -159,26 +175,39 @@ class Experiment:
             state,
             named,
             retry_failed=retry_failed,
-            only=None if only is None else str(only),
+            selection=selection,
             rerun_changed=rerun_changed,
             fingerprint=provenance.fingerprint(self.function),
         )
 
-    def status(self) -> dict[str, int]:
-        """Counts of configs by status: todo, running, done, failed."""
-        return self.read_state().counts()
+    def status(self, *, where: Mapping[str, Any] | None = None) -> dict[str, int]:
+        """Counts of configs by status: todo, running, done, failed (of those where selects)."""
+        state = self.read_state()
+        selection = Selection.of(None, where)
+        if selection.everything:
+            return state.counts()
+        chosen = selection.choose({n: r.get("params") for n, r in state.configs.items()})
+        return State(configs={n: state.configs[n] for n in chosen}).counts()
 
-    def status_report(self) -> StatusReport:
+    def status_report(self, *, where: Mapping[str, Any] | None = None) -> StatusReport:
         """What `status` prints: counts, configs running now, failures, code changes."""
         from resweep.status import status_report
 
-        return status_report(self.store, provenance.fingerprint(self.function))
+        code = provenance.code_digests(self.function)
+        return status_report(
+            self.store,
+            provenance.fingerprint_of(self.function, code),
+            Selection.of(None, where),
+            code=code,
+        )
 
     def config_report(self, name: str) -> dict[str, Any]:
         """What `show` prints: one config's record with its provenance and code comparison."""
         from resweep.status import config_report
 
-        return config_report(self.store, str(name), provenance.fingerprint(self.function))
+        code = provenance.code_digests(self.function)
+        fingerprint = provenance.fingerprint_of(self.function, code)
+        return config_report(self.store, str(name), fingerprint, code=code)
 
     def replay(
         self,
@@ -187,6 +216,7 @@ class Experiment:
         pdb: bool = False,
         allow_pickle: bool = True,
         failed: bool = False,
+        where: Mapping[str, Any] | None = None,
     ) -> Replay | list[Replay]:
         """Re-run one config (or every done one) here, every cached call answered from the cache.
 
@@ -194,19 +224,30 @@ class Experiment:
         stops in the post-mortem debugger at an exception. Without a name every done config
         (and, with failed, every failed one) replays, each reported in its Replay.
         allow_pickle=False loads no pickled answer (a result directory from someone else):
-        answers stored as JSON replay, one stored as a pickle is refused.
+        answers stored as JSON replay, one stored as a pickle is refused. where replays only the
+        configs whose fields match it, as in run().
         """
         from resweep.replay import replay_experiment
 
-        return replay_experiment(self, name, pdb=pdb, failed=failed, allow_pickle=allow_pickle)
+        return replay_experiment(
+            self,
+            name,
+            pdb=pdb,
+            failed=failed,
+            allow_pickle=allow_pickle,
+            selection=Selection.of(None, where),
+        )
 
     # -- summaries and maintenance -------------------------------------------------------
 
-    def save_summary(self, force: bool = False) -> Path:
-        """Write summary.csv; without force it refuses while any config is not done."""
+    def save_summary(self, force: bool = False, *, where: Mapping[str, Any] | None = None) -> Path:
+        """Write summary.csv; without force it refuses while any config is not done.
+
+        With where, the summary holds only the configs whose fields match it, as in run().
+        """
         from resweep import summary
 
-        return summary.save_summary(self.store, force=force)
+        return summary.save_summary(self.store, force=force, selection=Selection.of(None, where))
 
     def load_summary(self) -> pd.DataFrame:
         """summary.csv as a DataFrame with proper dtypes."""

@@ -12,22 +12,30 @@ import pickle
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+import unicodedata
+from collections.abc import Callable, Container, Mapping, Sequence
 from typing import Any
 
 from resweep.errors import ConfigError
 
-# Longest default name made of key=value pairs; longer ones become a hash.
+# Longest default name: key=value pairs, or a readable prefix of them and a hash.
 MAX_READABLE_NAME_CHARS = 64
 # Longest name accepted at all: room for a file name on every common filesystem.
 MAX_NAME_CHARS = 200
 # A file name's limit on common filesystems (ext4, XFS, APFS, NTFS in UTF-16 units aside).
 MAX_NAME_BYTES = 255
+# 48 bits: a million configs sharing one readable prefix still get distinct names.
 HASH_HEX_DIGITS = 12
+# Between a long name's readable prefix and its hash: model=a,prompt=cot,…-0123456789ab.
+ABBREVIATION = ",\u2026-"
+# What of a long name the prefix may take, so that prefix, ABBREVIATION and hash fit.
+_PREFIX_CHARS = MAX_READABLE_NAME_CHARS - len(ABBREVIATION) - HASH_HEX_DIGITS
+_PREFIX_BYTES = MAX_NAME_BYTES - len(ABBREVIATION.encode()) - HASH_HEX_DIGITS
 
 Params = dict[str, Any]
 
 _SAFE_TOKEN = re.compile(r"[A-Za-z0-9_.+-]+\Z")
+_SAFE_ASCII = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.+-")
 _SCALAR_WORDS = {"true", "false", "none", "null", "yes", "no", "on", "off", "~"}
 # Names made only of these characters, not starting with '-', pass every check of check_name.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.,=+][A-Za-z0-9_.,=+-]*\Z")
@@ -211,6 +219,18 @@ def config_hash(params: Params) -> str:
     return hashlib.sha256(canonical_json(params).encode()).hexdigest()[:HASH_HEX_DIGITS]
 
 
+def _safe_text(text: str) -> bool:
+    """Whether text may stand in a name as it is: ASCII letters, digits and _.+-, or letters and
+    digits of any script in their composed (NFC) form, so one text has one spelling."""
+    if _SAFE_TOKEN.match(text):
+        return True
+    if not text or text.isascii():
+        return False
+    return unicodedata.is_normalized("NFC", text) and all(
+        c in _SAFE_ASCII or c.isalnum() for c in text
+    )
+
+
 def _token(value: Any) -> str | None:
     """A value as an unambiguous file-name token, or None when it has none."""
     if isinstance(value, bool) or value is None:
@@ -218,7 +238,7 @@ def _token(value: Any) -> str | None:
     if isinstance(value, int | float):
         text = repr(value)
         return text if _SAFE_TOKEN.match(text) else None
-    if isinstance(value, str) and _SAFE_TOKEN.match(value):
+    if isinstance(value, str) and _safe_text(value):
         # A string that reads as a number or a keyword would collide with that value's token.
         if value.lower() in _SCALAR_WORDS:
             return None
@@ -251,24 +271,64 @@ def _fast_token(value: Any) -> str | None:
 
 
 def default_name(params: Params) -> str:
-    """Readable key=value pairs when short and unambiguous, else a hash of the canonical form."""
+    """Readable key=value pairs when short and unambiguous; else the longest readable prefix of
+    them that fits, cut at a pair, then a hash of the canonical form: a,b,…-0123456789ab.
+
+    Every name fits in MAX_READABLE_NAME_CHARS characters and MAX_NAME_BYTES bytes; a config
+    whose first pair is not readable, or does not fit, is named by the hash alone.
+    """
     parts = []
     length = -1
+    readable = True
     for key, value in flatten(params).items():
         token = _fast_token(value)
         if token is None:
-            return config_hash(params)
+            readable = False
+            break
         if key not in _SAFE_KEYS:
-            if not _SAFE_TOKEN.match(key):
-                return config_hash(params)
+            if not _safe_text(key):
+                readable = False
+                break
             if len(_SAFE_KEYS) < _STRING_TOKENS_MAX:
                 _SAFE_KEYS.add(key)
         part = f"{key}={token}"
         length += len(part) + 1
         parts.append(part)
-    if not parts or length > MAX_READABLE_NAME_CHARS:
-        return config_hash(params)
-    return ",".join(parts)
+    if readable and parts and length <= MAX_READABLE_NAME_CHARS:
+        name = ",".join(parts)
+        if name.isascii() or len(name.encode()) <= MAX_NAME_BYTES:
+            return name
+    return _abbreviated(parts, params)
+
+
+def _abbreviated(parts: list[str], params: Params) -> str:
+    """The leading pairs that fit, ABBREVIATION and the hash; the hash alone when none fits."""
+    digest = config_hash(params)
+    chars = -1
+    size = -1
+    kept = 0
+    for part in parts:
+        chars += len(part) + 1
+        size += len(part.encode()) + 1
+        if chars > _PREFIX_CHARS or size > _PREFIX_BYTES:
+            break
+        kept += 1
+    if not kept:
+        return digest
+    return ",".join(parts[:kept]) + ABBREVIATION + digest
+
+
+def former_name(name: str, params: Params) -> str | None:
+    """The name resweep gave this config before names kept a readable prefix, if it differs.
+
+    Up to naming version 2, a name that was not ASCII key=value pairs of at most 64 characters
+    was the hash alone. A state file may hold such a name: the config keeps it.
+    """
+    if name.isascii():
+        return None  # readable then as now, or the hash alone then as now
+    if ABBREVIATION in name:
+        return name[-HASH_HEX_DIGITS:]  # the same digest ends the name
+    return config_hash(params)
 
 
 def _encodable(text: str) -> bool:
@@ -316,6 +376,8 @@ class NamedConfig:
 
     config: Any
     params: Params
+    # The default name an older resweep gave it, where that differs (see former_name).
+    former: str | None = None
 
 
 def name_configs(
@@ -344,13 +406,30 @@ def name_configs(
             raise ConfigError(f"config #{index}: name {name!r} is {detail}; names must be unique")
         folded[name.casefold()] = name
         identities[name] = params
-        named[name] = NamedConfig(config, full)
+        former = None if naming or name.isascii() else former_name(name, params)
+        named[name] = NamedConfig(config, full, former)
     return named
+
+
+def keep_stored_names(
+    named: dict[str, NamedConfig], stored: Container[str]
+) -> dict[str, NamedConfig]:
+    """named, with each config that a state holds under its former name under that name.
+
+    A config is matched by its canonical form (its former name is a hash of it), never renamed.
+    """
+    if not any(c.former is not None for c in named.values()):
+        return named
+    return {
+        (c.former if c.former is not None and n not in stored and c.former in stored else n): c
+        for n, c in named.items()
+    }
 
 
 # Bump when the canonical form or the default names change: older digests then match nothing.
 # 2: a field at a NaN default is left out like any other; -0.0 is no longer the default 0.0.
-NAMING_VERSION = 2
+# 3: a long name keeps a readable prefix before its hash; letters of any script are readable.
+NAMING_VERSION = 3
 
 
 class _ClassRecorder(pickle.Pickler):

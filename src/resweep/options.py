@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from resweep.errors import ResweepError
 
@@ -22,6 +23,8 @@ class RunOptions:
     backend: Backend = "loky"
     # A glob on config names.
     only: str | None = None
+    # Globs on config fields (dotted for nested): a config runs when its fields match them all.
+    where: Mapping[str, Any] | None = None
     # Ignore the recorded calls of the configs this run runs.
     fresh: bool = False
     progress: bool = True

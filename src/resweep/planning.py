@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ from resweep import identity, provenance
 from resweep.encoding import encode_flow
 from resweep.errors import ConfigError
 from resweep.identity import NamedConfig
+from resweep.selection import Selection
 from resweep.state import State
 
 
@@ -128,13 +128,19 @@ def plan(
     named: dict[str, NamedConfig],
     *,
     retry_failed: bool,
-    only: str | None,
+    selection: Selection,
     rerun_changed: bool,
     fingerprint: str | None,
 ) -> Plan:
-    """Decide which configs a run takes; reads the state, changes nothing."""
+    """Decide which configs a run takes; reads the state, changes nothing.
+
+    A selection that matches no config is a SelectionError.
+    """
     result = Plan([], [], [], [], 0, 0, [])
-    for name in select(list(named), only):
+    chosen = (
+        named if selection.everything else selection.choose({n: c.params for n, c in named.items()})
+    )
+    for name in chosen:
         record = state.configs.get(name)
         status = record["status"] if record is not None else None
         if record is None:
@@ -152,9 +158,11 @@ def plan(
         elif (
             rerun_changed
             and fingerprint is not None
-            and provenance.compare(record.get("fingerprint"), fingerprint) is not None
+            and provenance.compare(record.get("fingerprint"), fingerprint)
+            == provenance.FUNCTION_CHANGED
         ):
-            # A fingerprint that cannot be compared (an unknown format) is not a change.
+            # The function or code it calls changed. Edits elsewhere in its module are not a
+            # change, nor is a fingerprint that cannot be compared (an unknown format).
             result.changed.append(name)
         else:
             result.done += 1
@@ -179,10 +187,3 @@ def finished_key(
         return None
     about = encode_flow([name, description])
     return f"{digest}.{hashlib.sha256(about.encode()).hexdigest()[:16]}"
-
-
-def select(names: Sequence[str], only: str | None) -> list[str]:
-    """The names matching the glob only (all of them when only is None)."""
-    if only is None:
-        return list(names)
-    return [n for n in names if fnmatch.fnmatchcase(n, only)]

@@ -14,6 +14,7 @@ from resweep.errors import CacheMiss, ResweepError
 from resweep.files import check_layout
 from resweep.identity import NamedConfig, flatten
 from resweep.recovery import read_settled
+from resweep.selection import Selection
 from resweep.worker import Context, takes_context, to_plain_result
 
 if TYPE_CHECKING:
@@ -101,16 +102,25 @@ def replay_experiment(
     failed: bool = False,
     pdb: bool = False,
     allow_pickle: bool = True,
+    selection: Selection | None = None,
 ) -> Replay | list[Replay]:
     """Re-run configs in this process; every cached call answered from the cache, none made.
 
     With a name: that config, done or failed; a failed one replays its last attempt's calls and
     raises its exception again. Without: every done config (and failed one, with failed),
     each reported, none stopping the others. pdb: the post-mortem debugger at an exception.
+    A selection narrows either to the configs whose fields match it.
     """
     store = experiment.store
     state, _ = read_settled(store)
     check_layout(store.root)  # replay opens the cache: never through a link
+    chosen = None
+    if selection is not None and not selection.everything:
+        params = {n: r.get("params") for n, r in state.configs.items()}
+        if name is not None:
+            state.lookup(str(name))  # an unknown name says so first
+            params = {str(name): params[str(name)]}
+        chosen = set(selection.choose(params))
     if name is not None:
         record = state.lookup(str(name))
         if record["status"] not in ("done", "failed"):
@@ -120,7 +130,11 @@ def replay_experiment(
         names = [str(name)]
     else:
         wanted = ("done", "failed") if failed else ("done",)
-        names = [n for n, r in state.configs.items() if r["status"] in wanted]
+        names = [
+            n
+            for n, r in state.configs.items()
+            if r["status"] in wanted and (chosen is None or n in chosen)
+        ]
     named = experiment.named_configs() if experiment.configs is not None else {}
     setup = experiment.setup
     value = setup.common() if setup is not None and setup.common else None

@@ -35,6 +35,7 @@ from resweep.options import RunOptions
 from resweep.pools.base import Pool, PoolStopped, Returned
 from resweep.pools.registry import open_pool
 from resweep.recovery import finished_results, settle, settle_left_running, stop_orphans
+from resweep.selection import Selection
 from resweep.state import State
 from resweep.store import StateWriter, Store
 from resweep.worker import (
@@ -648,11 +649,16 @@ def run_experiment(experiment: Declared, options: RunOptions) -> RunReport:
             experiment.configs, experiment.config_naming, experiment.name, experiment.description
         )
     named = None if finished is not None else experiment.named_configs()
+    selection = Selection.of(options.only, options.where)
+    if not selection.everything:
+        # A selection that matches nothing, or names no field, stops before anything is written.
+        named = experiment.named_configs()
+        selection.choose({n: c.params for n, c in named.items()})
     try:
         store.ensure_dir()
         check_layout(store.root)
         with store.lock(break_lock=options.break_lock):
-            if finished is not None and options.only is None and not options.rerun_changed:
+            if finished is not None and selection.everything and not options.rerun_changed:
                 counts = store.finished_counts(finished)
                 if counts is not None and not (options.retry_failed and counts["failed"]):
                     # The sweep this state finished is unchanged: nothing to name, read or run.
@@ -668,7 +674,7 @@ def run_experiment(experiment: Declared, options: RunOptions) -> RunReport:
                     )
             if named is None:
                 named = experiment.named_configs()
-            return _run_locked(experiment, named, store, options, finished)
+            return _run_locked(experiment, named, store, options, finished, selection)
     except OSError as error:
         # Configs' own errors never get here: this is resweep's own writing that failed.
         raise storage_error(fault_text(error)) from None
@@ -680,6 +686,7 @@ def _run_locked(
     store: Store,
     options: RunOptions,
     finished: str | None,
+    selection: Selection,
 ) -> RunReport:
     existed = store.exists()
     state = store.read() if existed else State()
@@ -695,7 +702,7 @@ def _run_locked(
         state,
         named,
         retry_failed=options.retry_failed,
-        only=options.only,
+        selection=selection,
         rerun_changed=options.rerun_changed,
         fingerprint=fingerprint,
     ).to_run

@@ -79,14 +79,30 @@ class State:
         return counts
 
 
+def _sorted_pairs(name: str) -> str:
+    """A key=value name with its pairs sorted, so that the same fields in any order compare equal."""
+    return ",".join(sorted(name.split(","))) if "=" in name else name
+
+
 def _suggest(name: str, names: list[str]) -> str:
-    """'; did you mean ...?' with the names closest to name, or where to look for names."""
+    """'; did you mean ...?' with the names closest to name, or where to look for names.
+
+    Names are compared with their key=value pairs sorted: seed=1,model=a finds model=a,seed=1.
+    """
     import difflib
 
-    if len(names) > MAX_SUGGESTION_CANDIDATES:
+    wanted = _sorted_pairs(name)
+    by_form: dict[str, list[str]] = {}
+    for known in names:
+        by_form.setdefault(_sorted_pairs(known), []).append(known)
+    forms = list(by_form)
+    if len(forms) > MAX_SUGGESTION_CANDIDATES:
         # difflib over 100,000 names takes seconds: compare with those that start alike.
-        names = [n for n in names if n[:3] == name[:3]][:MAX_SUGGESTION_CANDIDATES]
-    close = difflib.get_close_matches(name, names, n=3)
+        forms = [f for f in forms if f[:3] == wanted[:3]][:MAX_SUGGESTION_CANDIDATES]
+    close_forms = difflib.get_close_matches(wanted, forms, n=3)
+    if wanted in by_form and wanted not in close_forms:
+        close_forms.insert(0, wanted)
+    close = [known for form in close_forms for known in by_form[form]][:3]
     if close:
         return f"; did you mean {', '.join(map(repr, close))}?"
     return "; the keys under 'configs' in experiment.yaml are the names"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ from resweep import provenance
 from resweep.files import LOG_FILE, WORKERS_DIR, config_path, read_markers, read_started
 from resweep.lock import RunInfo
 from resweep.recovery import read_one_settled, read_settled
+from resweep.selection import Selection
 from resweep.state import State
 from resweep.store import Store
 
@@ -38,6 +40,9 @@ class StatusReport:
     cache_misses: int
     # Done configs produced by code that differs from the current code, by name: what changed.
     changed: dict[str, str] = field(default_factory=dict)
+    # The functions, classes and constants that changed since the configs whose function changed
+    # were run, by name; None when the sessions that ran them did not record their code.
+    changed_code: list[str] | None = None
     # The attempt of each config running now, and the last line of its log.txt, if any.
     attempts: dict[str, int] = field(default_factory=dict)
     last_log_lines: dict[str, str] = field(default_factory=dict)
@@ -45,19 +50,35 @@ class StatusReport:
     recent_failures: list[str] = field(default_factory=list)
 
     @property
+    def function_changed(self) -> int:
+        """Done configs whose function, or code it calls inside the project, has changed since."""
+        return sum(why == provenance.FUNCTION_CHANGED for why in self.changed.values())
+
+    @property
     def changed_warning(self) -> str | None:
-        """The line about done configs that older code produced, or None."""
-        changed = self.changed
-        if not changed:
+        """The warning about done configs that another version of the function produced."""
+        count = self.function_changed
+        if not count:
             return None
-        function = sum(why == provenance.FUNCTION_CHANGED for why in changed.values())
-        parts = [f"{function} by a different function"] if function else []
-        if len(changed) > function:
-            parts.append(f"{len(changed) - function} by other changes to its module")
+        if self.changed_code:
+            what = f"before changes to {', '.join(self.changed_code[:8])}"
+            what += ", ..." if len(self.changed_code) > 8 else ""
+        else:
+            what = "by a different version of the experiment function or code it calls"
         return (
-            f"warning: {len(changed)} done configs were produced by code that differs from the "
-            f"current code ({', '.join(parts)}); `run --rerun-changed` re-runs them, "
-            "`run --dry-run --rerun-changed` lists them"
+            f"warning: {count} done configs were produced {what}; "
+            "`run --rerun-changed` re-runs them, `run --dry-run --rerun-changed` lists them"
+        )
+
+    @property
+    def changed_note(self) -> str | None:
+        """One quiet line about done configs whose module changed elsewhere, or None."""
+        count = len(self.changed) - self.function_changed
+        if not count:
+            return None
+        return (
+            f"{count} done configs were produced before edits elsewhere in the function's module; "
+            "the function and the code it calls are unchanged, so they count as current"
         )
 
     def as_json(self, *, failed: bool = False) -> dict[str, Any]:
@@ -81,16 +102,33 @@ class StatusReport:
             "left_running": self.left_running,
             "cache": {"hits": self.cache_hits, "misses": self.cache_misses},
             "changed": len(self.changed),
+            "function_changed": self.function_changed,
+            "changed_code": self.changed_code,
             "warnings": [warning] if warning else [],
+            "notes": [note] if (note := self.changed_note) else [],
         }
         if failed:
             payload["failed"] = self.failures
         return payload
 
 
-def status_report(store: Store, fingerprint: str | None) -> StatusReport:
-    """Read the experiment once and say what it is doing; fingerprint: the current code's."""
+def status_report(
+    store: Store,
+    fingerprint: str | None,
+    selection: Selection | None = None,
+    *,
+    code: Mapping[str, str] | None = None,
+) -> StatusReport:
+    """Read the experiment once and say what it is doing; fingerprint: the current code's, and
+    code its provenance.code_digests, to name what changed.
+
+    With a selection, only the configs it selects count.
+    """
     state, left = read_settled(store)
+    if selection is not None and not selection.everything:
+        chosen = selection.choose({n: r.get("params") for n, r in state.configs.items()})
+        state.configs = {n: state.configs[n] for n in chosen}
+        left = [n for n in left if n in state.configs]
     running: dict[str, str | None] = {
         n: r.get("start_time") for n, r in state.configs.items() if r["status"] == "running"
     }
@@ -121,6 +159,7 @@ def status_report(store: Store, fingerprint: str | None) -> StatusReport:
     failed = [
         (r.get("end_time") or "", n) for n, r in state.configs.items() if r["status"] == "failed"
     ]
+    changed = provenance.changed_configs(state.configs, fingerprint) if fingerprint else {}
     return StatusReport(
         name=state.name,
         counts=state.counts(),
@@ -132,13 +171,37 @@ def status_report(store: Store, fingerprint: str | None) -> StatusReport:
         failures={n: r.get("error") for n, r in state.configs.items() if r["status"] == "failed"},
         cache_hits=sum(r.get("cache_hits") or 0 for r in records),
         cache_misses=sum(r.get("cache_misses") or 0 for r in records),
-        changed=provenance.changed_configs(state.configs, fingerprint) if fingerprint else {},
+        changed=changed,
+        changed_code=_changed_code(state, changed, code),
         attempts={n: state.configs[n].get("attempts") or 1 for n in running},
         last_log_lines={
             n: line for n in running if (line := last_log_line(str(store.root), n)) is not None
         },
         recent_failures=[n for _, n in sorted(failed, reverse=True)],
     )
+
+
+def _changed_code(
+    state: State, changed: Mapping[str, str], code: Mapping[str, str] | None
+) -> list[str] | None:
+    """What changed since the sessions that ran the configs whose function changed, by name."""
+    if code is None:
+        return None
+    names: set[str] = set()
+    sessions = {
+        state.configs[n].get("session")
+        for n, why in changed.items()
+        if why == provenance.FUNCTION_CHANGED
+    }
+    for session in sessions:
+        record = state.sessions.get(session) if isinstance(session, str) else None
+        differ = provenance.changed_code(
+            record.get("code") if isinstance(record, Mapping) else None, code
+        )
+        if differ is None:
+            return None  # run by a resweep that did not record it: no telling
+        names.update(differ)
+    return sorted(names) or None
 
 
 # How far from its end log.txt is read for its last line.
@@ -263,7 +326,9 @@ def _fit(line: str, width: int) -> str:
     return line if len(line) <= width else line[: max(0, width - 3)] + "..."
 
 
-def config_report(store: Store, name: str, fingerprint: str | None) -> dict[str, Any]:
+def config_report(
+    store: Store, name: str, fingerprint: str | None, *, code: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Everything recorded about one config, with its run's provenance: what `show` prints."""
     state: State = read_one_settled(store, name)
     record = state.lookup(name)
@@ -275,4 +340,9 @@ def config_report(store: Store, name: str, fingerprint: str | None) -> dict[str,
         else:
             why = provenance.compare(record["fingerprint"], fingerprint)
             shown["code"] = "matches the current code" if why is None else f"differs, {why}"
+            session = state.sessions.get(record.get("session") or "")
+            if why == provenance.FUNCTION_CHANGED and isinstance(session, Mapping) and code:
+                differ = provenance.changed_code(session.get("code"), code)
+                if differ:
+                    shown["code"] += f" ({', '.join(differ)})"
     return shown

@@ -14,6 +14,7 @@ from resweep.durable import fault_text, write_atomic
 from resweep.errors import ResweepError, StateError, StorageError
 from resweep.identity import flatten
 from resweep.recovery import read_settled
+from resweep.selection import Selection
 from resweep.state import State
 from resweep.store import Store
 
@@ -91,10 +92,26 @@ def _cells(row: dict[str, Any], columns: list[str]) -> list[Any]:
     return values
 
 
-def save_summary(store: Store, *, force: bool = False, state: State | None = None) -> Path:
-    """Write summary.csv atomically; without force, only when every config is done."""
+def save_summary(
+    store: Store,
+    *,
+    force: bool = False,
+    state: State | None = None,
+    selection: Selection | None = None,
+) -> Path:
+    """Write summary.csv atomically; without force, only when every config is done.
+
+    With a selection, the summary holds the configs it selects, and only they must be done.
+    """
     if state is None:
         state = read_settled(store)[0]
+    if selection is not None and not selection.everything:
+        chosen = selection.choose({n: r.get("params") for n, r in state.configs.items()})
+        state = State(
+            name=state.name,
+            description=state.description,
+            configs={n: state.configs[n] for n in chosen},
+        )
     counts = state.counts()
     if not force and counts["done"] != len(state.configs):
         pending = ", ".join(f"{v} {k}" for k, v in counts.items() if v and k != "done")
@@ -102,42 +119,56 @@ def save_summary(store: Store, *, force: bool = False, state: State | None = Non
             f"not every config is done ({pending}); run the rest, or force the summary"
         )
     columns, table = rows(state)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows(_cells(row, columns) for row in table)
     path = store.root / SUMMARY_FILE
     try:
-        write_atomic(path, buffer.getvalue())
+        write_atomic(path, _csv_text(columns, table))
     except OSError as error:
         raise StorageError(f"could not write the summary: {fault_text(error)}") from None
     return path
 
 
+def _csv_text(columns: list[str], table: Iterable[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(_cells(row, columns) for row in table)
+    return buffer.getvalue()
+
+
 def load_summary(output_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """summary.csv of an experiment directory as a DataFrame, numbers as numbers."""
-    import pandas as pd
-
     path = Path(output_dir) / SUMMARY_FILE
     if not path.exists():
         raise StateError(
             f"no {SUMMARY_FILE} in {Path(output_dir).absolute()}; it is written when every config "
             "is done, or by force_summary"
         )
-    dtype = dict.fromkeys([*_TEXT_COLUMNS, *_string_columns(Store(output_dir))], "string")
+    try:
+        columns, table = rows(read_settled(Store(output_dir))[0])
+    except ResweepError:
+        columns, table = [], []
+    return _read_table(path, _string_columns(columns, table))
+
+
+def _read_table(source: Any, strings: list[str]) -> pd.DataFrame:
+    """A summary table as a DataFrame: the one dtype policy of load_summary and open().
+
+    name, error and columns holding only strings: string; status: category; whole numbers:
+    int64 (float64 when some are missing); other numbers: float64; true/false: bool (object when
+    some are missing); lists and dicts: their JSON text; a missing value: NaN (<NA> in strings).
+    """
+    import pandas as pd
+
+    dtype = dict.fromkeys([*_TEXT_COLUMNS, *strings], "string")
     # Only an empty cell is missing: a string result "NA" or "null" stays that string.
-    frame = pd.read_csv(path, dtype=dtype, keep_default_na=False, na_values=[""])
+    frame = pd.read_csv(source, dtype=dtype, keep_default_na=False, na_values=[""])
     if "status" in frame:
         frame["status"] = frame["status"].astype("category")
     return frame
 
 
-def _string_columns(store: Store) -> list[str]:
-    """Columns the state holds only strings in, so that '007' or 'true' is not read as 7 or True."""
-    try:
-        columns, table = rows(read_settled(store)[0])
-    except ResweepError:
-        return []
+def _string_columns(columns: list[str], table: list[dict[str, Any]]) -> list[str]:
+    """Columns that hold only strings, so that '007' or 'true' is not read as 7 or True."""
     return [
         column
         for column in columns
@@ -146,16 +177,10 @@ def _string_columns(store: Store) -> list[str]:
     ]
 
 
-def _frame(columns: list[str], table: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    import pandas as pd
-
-    frame = pd.DataFrame(list(table), columns=columns)
-    for column in _TEXT_COLUMNS:
-        if column in frame:
-            frame[column] = frame[column].astype("string")
-    if "status" in frame:
-        frame["status"] = frame["status"].astype("category")
-    return frame.convert_dtypes()
+def _frame(columns: list[str], table: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows of the state as a DataFrame, read back as summary.csv would be: same dtypes."""
+    text = _csv_text(columns, table)
+    return _read_table(io.StringIO(text), _string_columns(columns, table))
 
 
 class ExperimentView:
@@ -184,19 +209,23 @@ class ExperimentView:
 
     @property
     def configs(self) -> pd.DataFrame:
-        """Every config: name, status, attempts and params, one row each."""
-        columns, table = rows(self.state)
+        """Every config: name, status, attempts and params, one row each (summary()'s dtypes)."""
+        frame = self.summary()
         params = self._param_columns()
-        return _frame(["name", "status", "attempts", *[c for c in columns if c in params]], table)
+        return frame[["name", "status", "attempts", *[c for c in frame.columns if c in params]]]
 
     @property
     def results(self) -> pd.DataFrame:
-        """The done configs with their params and results: the summary, read from the state."""
-        columns, table = rows(self.state)
-        return _frame(columns, [row for row in table if row["status"] == "done"])
+        """The done configs with their params and results: summary()'s rows that are done, with
+        its dtypes (a column that a failed config leaves empty stays float64)."""
+        frame = self.summary()
+        return frame[frame["status"] == "done"].reset_index(drop=True)
 
     def summary(self) -> pd.DataFrame:
-        """Every config, in the summary's columns, whether or not summary.csv exists yet."""
+        """Every config, in the summary's columns, whether or not summary.csv exists yet.
+
+        The same DataFrame, dtypes included, as load_summary() of a summary written now.
+        """
         columns, table = rows(self.state)
         return _frame(columns, table)
 
