@@ -213,6 +213,19 @@ def test_watch_with_no_run_active_prints_one_snapshot(script: Path) -> None:
         "  i=1: ValueError: boom 1",
         "nothing to watch",
     ]
+    selected = subprocess.run(
+        [sys.executable, str(script), "status", "--watch", "--where", "i=2"],
+        capture_output=True,
+        text=True,
+        cwd=script.parent,
+        env=env(),
+        timeout=60,
+        check=False,
+    )
+    assert selected.returncode == 0, selected.stderr
+    assert selected.stdout.splitlines()[0] == (
+        f"watched: [{'#' * 30}] 1/1  todo 0, running 0, done 1, failed 0"
+    )
 
 
 def test_ctrl_c_stops_watching_quietly(script: Path) -> None:
