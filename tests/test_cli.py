@@ -215,7 +215,9 @@ def test_a_dry_run_sees_configs_a_dead_run_left_running_as_the_run_will(script: 
     kept = files.ResultLog(out / files.RESULTS_DIR)
     for name in list(configs)[:3]:
         record = configs[name]
-        stored = files.StoredResult(record["result"], 1, record["end_time"], 0.1)
+        stored = files.StoredResult(
+            record["result"], 1, record["end_time"], 0.1, session=record["session"]
+        )
         kept.append(name, stored)
     kept.close()
     dry = run_script(script, "run", "--dry-run")

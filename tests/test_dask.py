@@ -507,12 +507,12 @@ def test_unreachable_scheduler_is_one_line(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_missing_dask_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without Dask installed, backend='dask' is one line naming the extra to install."""
+    """Without Dask installed, backend='dask' is one line saying what to pip install."""
     monkeypatch.setitem(sys.modules, "distributed", None)
     experiment = resweep.Experiment(
         function=lambda c: None, configs=[{"i": 1}], output_dir=tmp_path / "out"
     )
-    with pytest.raises(resweep.ResweepError, match=r"pip install 'resweep\[dask\]'"):
+    with pytest.raises(resweep.ResweepError, match=r"pip install 'dask\[distributed\]>=2024\.1'"):
         experiment.run(backend="dask", progress=False)
 
 

@@ -494,7 +494,8 @@ def test_a_recovered_config_keeps_its_session_and_fingerprint(tmp_path: Path) ->
     stored = files.StoredResult(record["result"], 1, record["end_time"], 0.1, **expected)
     kept.append(name, stored)
     kept.close()
-    record.update(status="running", session=None, fingerprint=None)
+    # Dispatch records the session; the fingerprint comes with the result.
+    record.update(status="running", fingerprint=None)
     store.save(crashed)
     experiment.run(backend="sequential", progress=False)
     (record,) = store.read().configs.values()

@@ -365,8 +365,13 @@ def test_configs_left_running_are_settled_by_the_next_run(tmp_path: Path) -> Non
         encoding="utf-8",
     )
     # As a worker leaves it: config a's result in its results file, config b's not.
+    session = experiment.config_record("lr=0.1,model=a")["session"]
     kept = files.ResultLog(tmp_path / "out" / files.RESULTS_DIR)
-    kept.append("lr=0.1,model=a", files.StoredResult({"score": 0.1}, 1, "2024-01-01", 0.5))
+    stored = files.StoredResult({"score": 0.1}, 1, "2024-01-01", 0.5, session=session)
+    kept.append("lr=0.1,model=a", stored)
+    # A line from another run (a file copied in) does not count, whatever it says.
+    foreign = files.StoredResult({"score": 9.9}, 1, "2024-01-01", 0.5, session="0" * 12)
+    kept.append("lr=0.2,model=b", foreign)
     kept.close()
     report = run(make(tmp_path, fine, CONFIGS[:2]))
     assert report.executed == 1
@@ -412,6 +417,23 @@ def test_result_reads_a_done_configs_result_and_refuses_any_other(tmp_path: Path
         experiment.result("lr=0.2,model=b")
     with pytest.raises(resweep.ResweepError, match=re.escape("did you mean 'lr=0.1,model=a'")):
         experiment.result("lr=0.1,model=A")
+
+
+def test_a_config_run_again_as_the_same_attempt_sheds_the_stale_traceback(
+    tmp_path: Path,
+) -> None:
+    """A record dropped by clean_index and added again restarts at attempt 1: the traceback
+    (and an earlier version's result.yaml) left by the execution before do not stay."""
+    run(make(tmp_path, flaky, CONFIGS[:2]))  # both fail their first attempt
+    stale = tmp_path / "out" / "configs" / "lr=0.1,model=a"
+    assert (stale / "exception.txt").exists()
+    (stale / "result.yaml").write_text('# resweep: {"attempt": 1, "bytes": 2}\n{}\n')
+    assert make(tmp_path, flaky, CONFIGS[1:2]).clean_index() == ["lr=0.1,model=a"]
+    again = make(tmp_path, fine, CONFIGS[:2])
+    run(again)
+    assert again.config_record("lr=0.1,model=a")["attempts"] == 1
+    assert again.result("lr=0.1,model=a") == {"score": 0.1}
+    assert sorted(p.name for p in stale.iterdir()) == ["log.txt"]
 
 
 def quiet(config: Config, ctx: resweep.Context) -> dict[str, Any]:

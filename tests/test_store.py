@@ -341,6 +341,72 @@ def test_a_results_line_cut_short_is_no_result(tmp_path: Path, result: Any) -> N
     assert set(files.read_results(tmp_path)) == {("first", 1), ("third", 2)}
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"name": "x", "attempt": 1, "result": {}, "end_time": 5}',
+        '{"name": "x", "attempt": 1, "result": {}, "duration_s": "abc"}',
+        '{"name": "x", "attempt": 1, "result": {}, "cache_hits": "lots"}',
+        '{"name": "x", "attempt": 1, "result": "not a mapping"}',
+        '{"name": "x", "attempt": true, "result": {}}',
+        '{"name": "x", "attempt": 0, "result": {}}',
+        '{"name": 7, "attempt": 1, "result": {}}',
+        '{"name": "x", "attempt": 1}',
+        '["x", 1, {}]',
+    ],
+)
+def test_a_results_line_resweep_did_not_write_is_no_result(tmp_path: Path, line: str) -> None:
+    """A hand-made or damaged line is skipped, never recorded as a result."""
+    (tmp_path / "1.jsonl").write_text(line + "\n" + '{"name": "y", "attempt": 1, "result": null}\n')
+    found = files.read_results(tmp_path)
+    assert set(found) == {("y", 1)}
+    assert found["y", 1] == files.StoredResult(None, 1, None, None)
+
+
+def test_only_regular_files_are_read_as_results(tmp_path: Path) -> None:
+    """A link, a FIFO or a directory among the results files is skipped: nothing is read
+    through a link, and a reader never blocks."""
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    elsewhere.write_text('{"name": "foreign", "attempt": 1, "result": {}}\n')
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "1.jsonl").symlink_to(elsewhere)
+    os.mkfifo(results / "2.jsonl")
+    (results / "3.jsonl").mkdir()
+    (results / "4.jsonl").write_text('{"name": "own", "attempt": 1, "result": {}}\n')
+    assert set(files.read_results(results)) == {("own", 1)}
+    (tmp_path / "linked").symlink_to(results, target_is_directory=True)
+    assert files.read_results(tmp_path / "linked") == {}
+
+
+def test_an_attempt_written_twice_reads_as_its_latest(tmp_path: Path) -> None:
+    """A pool that broke may run an attempt again: the later end time counts, in any file."""
+    first, second = files.ResultLog(tmp_path / "a"), files.ResultLog(tmp_path / "b")
+    second.append("x", files.StoredResult({"v": "late"}, 1, "2026-01-01T00:00:02", 0.1))
+    first.append("x", files.StoredResult({"v": "early"}, 1, "2026-01-01T00:00:01", 0.1))
+    first.close()
+    second.close()
+    os.rename(tmp_path / "b" / os.listdir(tmp_path / "b")[0], tmp_path / "a" / "2.jsonl")
+    index = files.ResultsIndex(tmp_path / "a").refresh()
+    assert index["x", 1].result == {"v": "late"}
+
+
+def test_the_index_reads_only_what_was_added(tmp_path: Path) -> None:
+    """refresh() takes in new lines, including one whose end was not written at first."""
+    kept = files.ResultLog(tmp_path)
+    kept.append("a", files.StoredResult({}, 1, None, None))
+    index = files.ResultsIndex(tmp_path).refresh()
+    (path,) = tmp_path.iterdir()
+    whole = path.read_bytes()
+    kept.append("b", files.StoredResult({}, 1, None, None))
+    line = path.read_bytes()[len(whole) :]
+    path.write_bytes(whole + line[:-3])  # b's line as a reader may see it mid-write
+    assert set(index.refresh()) == {("a", 1)}
+    path.write_bytes(whole + line)
+    assert set(index.refresh()) == {("a", 1), ("b", 1)}
+    kept.close()
+
+
 def test_a_results_write_that_fails_leaves_no_cut_line(tmp_path: Path) -> None:
     """A write refused part way (a file size limit here) is cut back: the next line reads."""
     import resource

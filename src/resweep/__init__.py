@@ -8,7 +8,9 @@ from resweep.errors import (
     CacheKeyError,
     CacheMiss,
     ConfigError,
+    HookError,
     LockedError,
+    PluginError,
     ResultError,
     ResweepError,
     ResweepWarning,
@@ -19,9 +21,12 @@ from resweep.errors import (
 )
 
 if typing.TYPE_CHECKING:
+    from resweep.artifacts import ArtifactWriter
     from resweep.cache import cached
     from resweep.experiment import Experiment
+    from resweep.hooks import ConfigOutcome, HookContext
     from resweep.options import RunOptions
+    from resweep.plugins import register_backend, register_hook
     from resweep.replay import Replay
     from resweep.runner import RunReport
     from resweep.status import StatusReport
@@ -33,9 +38,14 @@ if typing.TYPE_CHECKING:
 # Imported when first asked for: a worker process unpickling one function imports only what
 # running a config needs, not the scheduler, the summary or the command line.
 _LAZY = {
+    "ArtifactWriter": ("resweep.artifacts", "ArtifactWriter"),
     "cached": ("resweep.cache", "cached"),
     "Experiment": ("resweep.experiment", "Experiment"),
+    "ConfigOutcome": ("resweep.hooks", "ConfigOutcome"),
+    "HookContext": ("resweep.hooks", "HookContext"),
     "RunOptions": ("resweep.options", "RunOptions"),
+    "register_backend": ("resweep.plugins", "register_backend"),
+    "register_hook": ("resweep.plugins", "register_hook"),
     "Replay": ("resweep.replay", "Replay"),
     "RunReport": ("resweep.runner", "RunReport"),
     "StatusReport": ("resweep.status", "StatusReport"),
@@ -68,13 +78,18 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArtifactWriter",
     "CacheKeyError",
     "CacheMiss",
     "ConfigError",
+    "ConfigOutcome",
     "Context",
     "Experiment",
     "ExperimentView",
+    "HookContext",
+    "HookError",
     "LockedError",
+    "PluginError",
     "Replay",
     "ResultError",
     "ResweepError",
@@ -93,4 +108,6 @@ __all__ = [
     "load_configs",
     "load_summary",
     "open",
+    "register_backend",
+    "register_hook",
 ]

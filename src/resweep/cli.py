@@ -12,7 +12,7 @@ import warnings
 from collections import Counter
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-from resweep.errors import CacheMiss, ResweepError, ResweepWarning
+from resweep.errors import CacheMiss, HookError, ResweepError, ResweepWarning
 from resweep.options import Backend, RunOptions
 from resweep.pools.local import pool_released_at_end
 from resweep.selection import parse_where
@@ -138,7 +138,8 @@ def _exit(code: int) -> NoReturn:
 
 
 class CLI:
-    """Run and inspect the experiment: run, status, replay, force_summary, clean_index, show."""
+    """Run and inspect the experiment: run, status, replay, force_summary, clean_index, show,
+    plugins."""
 
     def __init__(self, experiment: Commands) -> None:
         self._experiment = experiment
@@ -361,6 +362,20 @@ class CLI:
 
         print(yaml.safe_dump(shown, sort_keys=False, allow_unicode=True, width=100).rstrip())
 
+    def plugins(self) -> None:
+        """The hooks and backends installed, by id, with the distribution each comes from."""
+        from resweep import plugins
+
+        for kind, title in (("hook", "hooks"), ("backend", "backends")):
+            found = plugins.installed(kind)  # type: ignore[arg-type]
+            print(f"{title} ({plugins.GROUPS[kind]}):")  # type: ignore[index]
+            if kind == "backend":
+                print(f"  {', '.join(plugins.BUILTIN_BACKENDS)}  (resweep's own)")
+            if not found and kind == "hook":
+                print("  none installed")
+            for plugin in found:
+                print(f"  {plugin.id}  {plugin.target}  ({plugin.source})")
+
 
 def _print_user_traceback(error: BaseException) -> None:
     """The traceback of a config's own exception, from its own code down: resweep's frames and
@@ -433,6 +448,10 @@ def main(experiment: Commands, argv: list[str] | None = None) -> None:
         _check_options(raw)
         command = _quote_names(_gather_where(raw))
         fire.Fire(CLI(experiment), command=command, name=sys.argv[0].rsplit("/", 1)[-1])
+    except HookError as error:
+        # Not bad input: the run went and a hook stopped it, its state saved.
+        print(f"error: {error}", file=sys.stderr)
+        _exit(1)
     except ResweepError as error:
         print(f"error: {error}", file=sys.stderr)
         _exit(2)

@@ -91,6 +91,8 @@ def fault_text(error: OSError) -> str:
             f"{where} is a symbolic link, which resweep does not write through; replace it with "
             "a real file or directory"
         )
+    if error.errno == errno.ENOTDIR:
+        return f"{where} is not a directory, where resweep keeps one; move it away"
     what = error.strerror or os.strerror(error.errno or 0)
     if error.errno in (errno.EACCES, errno.EPERM):
         return f"{what} while writing {where}; fix its permissions"

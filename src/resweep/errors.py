@@ -47,5 +47,18 @@ class StorageError(ResweepError):
     """The disk failed (full, I/O error, file-size limit) while resweep was writing."""
 
 
+class HookError(ResweepError):
+    """A hook raised while hooks_fail_fast was on: the run stopped, its state saved (exit 1)."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        # The hook's traceback, for run_failure.txt.
+        self.detail = detail
+
+
+class PluginError(ResweepError):
+    """A hook or backend id that no plugin provides, or a plugin that cannot be loaded."""
+
+
 class ResweepWarning(UserWarning):
     """Something resweep recovered from but wants a person to know (the CLI prints one line)."""

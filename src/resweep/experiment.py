@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from resweep import identity, provenance
 from resweep.errors import ConfigError, ResweepError
+from resweep.hooks import HookSpecs
 from resweep.identity import NamedConfig
 from resweep.options import Backend, RunOptions
 from resweep.selection import Selection
@@ -43,6 +44,13 @@ class Experiment:
     cache: bool = True
     timeout_s: float | None = None
     retries: int = 0
+    # Lifecycle hooks: objects, classes, functions (event, context, payload=None), dotted
+    # paths, or plugin ids; a sweep file's `hooks:` come after these.
+    hooks: Sequence[Any] = ()
+    # Whether a hook that raises stops the run; None: the sweep file's setting, else True.
+    hooks_fail_fast: bool | None = None
+    # Settings by namespace handed to every hook (context.extensions); over the sweep file's.
+    extensions: Mapping[str, Any] | None = None
     _named: dict[str, NamedConfig] | None = field(
         default=None, init=False, repr=False, compare=False
     )
@@ -64,6 +72,24 @@ class Experiment:
             )
         if self.setup is not None and not isinstance(self.setup, WorkerSetup):
             raise ConfigError("setup must be a resweep.WorkerSetup(common, per_worker)")
+        if isinstance(self.hooks, str | bytes) or not isinstance(self.hooks, Sequence):
+            self.hooks = [self.hooks]  # one hook given alone
+        if self.extensions is not None and not isinstance(self.extensions, Mapping):
+            raise ConfigError(f"extensions must be a mapping, not {type(self.extensions).__name__}")
+
+    def hook_specs(self) -> HookSpecs:
+        """The hooks a run loads: this experiment's, then its sweep file's (load_configs)."""
+        from resweep.sweeps import SweepConfigs
+
+        sweep = self.configs if isinstance(self.configs, SweepConfigs) else SweepConfigs()
+        fail_fast = self.hooks_fail_fast
+        if fail_fast is None:
+            fail_fast = sweep.hooks_fail_fast if sweep.hooks_fail_fast is not None else True
+        return HookSpecs(
+            hooks=[*self.hooks, *sweep.hooks],
+            fail_fast=fail_fast,
+            extensions={**sweep.extensions, **(self.extensions or {})},
+        )
 
     @property
     def store(self) -> Store:
@@ -112,7 +138,7 @@ class Experiment:
         *,
         retry_failed: bool = False,
         reuse_calls: bool = False,
-        backend: Backend = "loky",
+        backend: Backend | str = "loky",
         only: str | None = None,
         where: Mapping[str, Any] | None = None,
         fresh: bool = False,
@@ -217,6 +243,7 @@ class Experiment:
         allow_pickle: bool = True,
         failed: bool = False,
         where: Mapping[str, Any] | None = None,
+        hooks: bool = False,
     ) -> Replay | list[Replay]:
         """Re-run one config (or every done one) here, every cached call answered from the cache.
 
@@ -225,18 +252,43 @@ class Experiment:
         (and, with failed, every failed one) replays, each reported in its Replay.
         allow_pickle=False loads no pickled answer (a result directory from someone else):
         answers stored as JSON replay, one stored as a pickle is refused. where replays only the
-        configs whose fields match it, as in run().
+        configs whose fields match it, as in run(). Replays fire no hooks unless hooks=True: then
+        the hooks hear the replay as a run whose backend is "replay", with no session;
+        on_run_end's report counts the replayed configs (failed: those that raised).
         """
+        from resweep.hooks import prepare
         from resweep.replay import replay_experiment
 
-        return replay_experiment(
-            self,
-            name,
-            pdb=pdb,
-            failed=failed,
-            allow_pickle=allow_pickle,
-            selection=Selection.of(None, where),
+        selection = Selection.of(None, where)
+        if not hooks:
+            return replay_experiment(
+                self,
+                name,
+                pdb=pdb,
+                failed=failed,
+                allow_pickle=allow_pickle,
+                selection=selection,
+            )
+        dispatcher = prepare(
+            self.hook_specs(),
+            output_dir=self.store.root,
+            experiment=self.name,
+            backend="replay",
+            max_workers=1,
         )
+        try:
+            return replay_experiment(
+                self,
+                name,
+                pdb=pdb,
+                failed=failed,
+                allow_pickle=allow_pickle,
+                selection=selection,
+                hooks=dispatcher,
+            )
+        except (Exception, KeyboardInterrupt) as error:
+            dispatcher.error(error)
+            raise
 
     # -- summaries and maintenance -------------------------------------------------------
 
@@ -296,7 +348,7 @@ class Experiment:
         return record.get("result")
 
     def run_cli(self) -> None:
-        """The command line: run, status, replay, force_summary, clean_index, show."""
+        """The command line: run, status, replay, force_summary, clean_index, show, plugins."""
         from resweep import cli
 
         cli.main(self)

@@ -9,14 +9,24 @@ import io
 import json
 import os
 import socket
+import stat
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from resweep.clock import now_iso
-from resweep.durable import WriteFault, open_fd, open_text, persisted, write_all, write_atomic
+from resweep.durable import (
+    WriteFault,
+    is_write_fault,
+    open_fd,
+    open_text,
+    persisted,
+    write_all,
+    write_atomic,
+)
 from resweep.encoding import decode_flow, encode_line, yaml_error
 from resweep.errors import ConfigError, StateError
 
@@ -34,6 +44,8 @@ WORKERS_DIR = ".workers"
 # Each process that runs configs appends their results to .results/<pid>.jsonl.
 RESULTS_DIR = ".results"
 RESULTS_SUFFIX = ".jsonl"
+# Where hooks keep their artifacts: hooks/<hook id>/... (artifacts.ArtifactWriter).
+HOOKS_DIR = "hooks"
 MARKER_BYTES = 1024
 
 
@@ -57,14 +69,33 @@ def make_config_dir(config_dir: str | os.PathLike[str]) -> None:
     try:
         os.mkdir(config_dir)
     except FileExistsError:
-        if os.path.islink(config_dir):
-            raise WriteFault(errno.ELOOP, os.strerror(errno.ELOOP), os.fspath(config_dir)) from None
+        _check_config_dir(config_dir)
     except FileNotFoundError:
         os.makedirs(config_dir, exist_ok=True)
 
 
+def _check_config_dir(config_dir: str | os.PathLike[str]) -> bool:
+    """Whether config_dir exists; a WriteFault when it is a link or no directory."""
+    try:
+        mode = os.lstat(config_dir).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    if stat.S_ISLNK(mode):
+        raise WriteFault(errno.ELOOP, os.strerror(errno.ELOOP), os.fspath(config_dir))
+    if not stat.S_ISDIR(mode):
+        raise WriteFault(errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.fspath(config_dir))
+    return True
+
+
 def clear_earlier_attempt(config_dir: str | os.PathLike[str]) -> None:
-    """Remove the files an earlier attempt of a config left that would tell of it as the last."""
+    """Remove the files an earlier execution of a config left that would tell of it as the last.
+
+    Every attempt, not only the second on: an execution that no run recorded, or a record
+    dropped by clean_index, gives the next one the same attempt number. One lstat when the
+    config has no directory, which is the common case; never through a link.
+    """
+    if not _check_config_dir(config_dir):
+        return
     for stale in (RESULT_FILE, EXCEPTION_FILE):
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             os.unlink(os.path.join(config_dir, stale))
@@ -73,8 +104,8 @@ def clear_earlier_attempt(config_dir: str | os.PathLike[str]) -> None:
 # The entries of output_dir that resweep writes in or through, and whether each is a directory.
 OWN_ENTRIES = {
     CONFIGS_DIR: True, "cache": True, WORKERS_DIR: True, RESULTS_DIR: True, "cache.lock": False,
-    ".lock": False, "run.json": False, "journal.jsonl": False, "experiment.yaml": False, "summary.csv": False,
-    ".finished.json": False, RUN_FAILURE_FILE: False,
+    ".lock": False, "run.json": False, "journal.jsonl": False, "experiment.yaml": False,
+    "summary.csv": False, ".finished.json": False, RUN_FAILURE_FILE: False, HOOKS_DIR: True,
     # The request cache's SQLite files, which diskcache opens by name.
     "cache/cache.db": False, "cache/cache.db-wal": False, "cache/cache.db-shm": False,
 }  # fmt: skip
@@ -195,43 +226,130 @@ class ResultLog:
                 self._fd = None
 
 
+class ResultsIndex(Mapping[tuple[str, int], StoredResult]):
+    """The whole results in a run's results files, by (name, attempt).
+
+    Read incrementally: refresh() parses only the lines added since the last one, so a pool
+    that breaks many times in a long run reads each line once; a result is kept as where it
+    is, and parsed again when asked for.
+    """
+
+    def __init__(self, results_dir: str | os.PathLike[str]) -> None:
+        self._dir = os.fspath(results_dir)
+        # File name -> bytes read up to the end of its last whole line.
+        self._read: dict[str, int] = {}
+        # (name, attempt) -> (file name, offset, length, end time) of its newest line.
+        self._where: dict[tuple[str, int], tuple[str, int, int, str]] = {}
+
+    def refresh(self) -> ResultsIndex:
+        """Take in the lines written since the last refresh."""
+        if os.path.islink(self._dir):
+            return self  # never read through a link (a run refuses to start on one)
+        try:
+            entries = [e.name for e in os.scandir(self._dir) if e.name.endswith(RESULTS_SUFFIX)]
+        except (FileNotFoundError, NotADirectoryError):
+            return self
+        for file_name in entries:
+            start = self._read.get(file_name, 0)
+            data = _read_regular(os.path.join(self._dir, file_name), start)
+            if data is None:
+                continue
+            whole = data.rfind(b"\n") + 1  # a last line without its end may be being written
+            self._read[file_name] = start + whole
+            offset = start
+            for line in data[:whole].split(b"\n")[:-1]:
+                parsed = _parse_result_line(line)
+                if parsed is not None:
+                    name, stored = parsed
+                    key = (name, stored.attempt)
+                    end_time = stored.end_time or ""
+                    known = self._where.get(key)
+                    # One attempt twice (a pool that broke and ran it again): the later counts.
+                    if known is None or end_time >= known[3]:
+                        self._where[key] = (file_name, offset, len(line), end_time)
+                offset += len(line) + 1
+        return self
+
+    def __getitem__(self, key: tuple[str, int]) -> StoredResult:
+        file_name, offset, length, _ = self._where[key]
+        path = os.path.join(self._dir, file_name)
+        data = _read_regular(path, offset, length)
+        parsed = _parse_result_line(data) if data is not None else None
+        if parsed is None:
+            raise KeyError(key)  # the file changed under the index: no result to trust
+        return parsed[1]
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
 def read_results(results_dir: str | os.PathLike[str]) -> dict[tuple[str, int], StoredResult]:
     """Every whole result in the results files under results_dir, by (name, attempt)."""
-    found: dict[tuple[str, int], StoredResult] = {}
+    return dict(ResultsIndex(results_dir).refresh())
+
+
+def _read_regular(path: str, offset: int, length: int = -1) -> bytes | None:
+    """Bytes of a regular file from offset (length of them, or to the end); None for anything
+    else (a link, a FIFO, a directory), which resweep neither made nor reads."""
     try:
-        entries = [e for e in os.scandir(results_dir) if e.name.endswith(RESULTS_SUFFIX)]
-    except (FileNotFoundError, NotADirectoryError):
-        return found
-    for entry in entries:
-        try:
-            with open(entry.path, "rb") as handle:
-                data = handle.read()
-        except OSError as error:
-            raise StateError(
-                f"cannot read {entry.path}: {error.strerror}; fix its permissions, then run again"
-            ) from None
-        for line in data.split(b"\n"):
-            stored = _parse_result_line(line)
-            if stored is not None:
-                found[stored[0], stored[1].attempt] = stored[1]
-    return found
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            return None
+        raise StateError(
+            f"cannot read {path}: {error.strerror}; fix its permissions, then run again"
+        ) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks = []
+        size = length if length >= 0 else os.fstat(fd).st_size - offset
+        while size > 0:
+            chunk = os.pread(fd, min(size, 1 << 24), offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+            size -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _parse_result_line(line: bytes) -> tuple[str, StoredResult] | None:
-    """(name, result) from one line of a results file, or None for a cut or damaged line."""
+    """(name, result) from one line of a results file, or None for a cut, damaged or
+    hand-made line: only what resweep writes passes."""
     if not line.strip():
         return None
     try:
         record = decode_flow(line.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, StateError, yaml_error()):
         return None
-    if not isinstance(record, dict):
+    if not isinstance(record, dict) or "result" not in record:
         return None
-    name, attempt = record.get("name"), record.get("attempt")
-    if not isinstance(name, str) or not isinstance(attempt, int) or "result" not in record:
+    name, attempt, result = record.get("name"), record.get("attempt"), record["result"]
+    if type(name) is not str or type(attempt) is not int or attempt < 1:
         return None
-    known = {key: record[key] for key in _META_KEYS if key in record}
-    return name, StoredResult(result=record["result"], **known)
+    if result is not None and not isinstance(result, dict):
+        return None
+    texts = [record.get(key) for key in ("end_time", "session", "fingerprint")]
+    counts = [record.get(key, 0) for key in ("cache_hits", "cache_misses")]
+    duration_s = record.get("duration_s")
+    if any(v is not None and type(v) is not str for v in texts):
+        return None
+    if any(type(v) is not int for v in counts):
+        return None
+    if duration_s is not None and type(duration_s) not in (int, float):
+        return None
+    end_time, session, fingerprint = texts
+    hits, misses = counts
+    stored = StoredResult(result, attempt, end_time, duration_s, hits, misses, session, fingerprint)
+    return name, stored
 
 
 def read_result(config_dir: str | os.PathLike[str]) -> StoredResult | None:
@@ -300,15 +418,24 @@ class LazyLog(io.TextIOBase):
         self._dir = config_dir
         self._attempt = attempt
         self._handle: TextIO | None = None
+        # Why resweep could not write its own file here (a link, a full disk), kept because a
+        # logging handler, or the config's own try/except, may swallow the error.
+        self.fault: OSError | None = None
 
     def write(self, text: str) -> int:
         if not text:
             return 0
         if self._handle is None:
-            make_config_dir(self._dir)
-            self._handle = open_text(os.path.join(self._dir, LOG_FILE), append=True)
-            # Each line reaches the file as it is printed: `status` shows a running config's last.
-            self._handle.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+            try:
+                make_config_dir(self._dir)
+                self._handle = open_text(os.path.join(self._dir, LOG_FILE), append=True)
+                # Each line reaches the file as it is printed: `status` shows a running
+                # config's last.
+                self._handle.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+            except OSError as error:
+                if is_write_fault(error):
+                    self.fault = self.fault or error
+                raise
             self._handle.write(log_header(self._attempt))
         return self._handle.write(text)
 

@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from resweep.errors import ResweepError
+from resweep import plugins
+from resweep.errors import PluginError, ResweepError
 
 Backend = Literal["loky", "threading", "sequential", "dask"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
@@ -20,7 +21,8 @@ class RunOptions:
     retry_failed: bool = False
     # Answer a retried failed config from its failed attempt's calls instead of asking afresh.
     reuse_calls: bool = False
-    backend: Backend = "loky"
+    # One of BACKENDS, or the id of a backend plugin (resweep.backends, register_backend).
+    backend: Backend | str = "loky"
     # A glob on config names.
     only: str | None = None
     # Globs on config fields (dotted for nested): a config runs when its fields match them all.
@@ -38,9 +40,12 @@ class RunOptions:
     fail_fast: bool = False
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ResweepError(
-                f"unknown backend {self.backend!r}; use one of {', '.join(BACKENDS)}"
+        if self.backend not in BACKENDS and not (
+            isinstance(self.backend, str) and plugins.is_known("backend", self.backend)
+        ):
+            raise PluginError(
+                f"unknown backend {self.backend!r}; known backends: "
+                + ", ".join(plugins.known_ids("backend"))
             )
         workers = self.max_workers
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
@@ -66,7 +71,7 @@ class RunOptions:
             if importlib.util.find_spec("distributed") is None:
                 raise ResweepError(
                     "the dask backend needs Dask, which is not installed: "
-                    "pip install 'resweep[dask]'"
+                    "pip install 'dask[distributed]>=2024.1' (resweep's dask extra)"
                 )
 
     @property

@@ -12,12 +12,12 @@ from resweep.errors import StateError
 from resweep.files import (
     RESULTS_DIR,
     WORKERS_DIR,
+    ResultsIndex,
     StoredResult,
     config_path,
     marker_pid,
     read_markers,
     read_result,
-    read_results,
     read_started,
 )
 from resweep.processes import kill_tree
@@ -40,9 +40,10 @@ class Settled:
     fields: dict[str, Any]
 
 
-def finished_results(root: str | os.PathLike[str]) -> Results:
-    """The results the workers of the last (or this) run wrote, read once for many settles."""
-    return read_results(os.path.join(root, RESULTS_DIR))
+def finished_results(root: str | os.PathLike[str]) -> ResultsIndex:
+    """The results the workers of the last (or this) run wrote, read once for many settles
+    (refresh() it to take in what they wrote since)."""
+    return ResultsIndex(os.path.join(root, RESULTS_DIR)).refresh()
 
 
 def settle(
@@ -53,14 +54,18 @@ def settle(
     *,
     interruptions: int,
     results: Results,
+    session: str | None,
 ) -> Settled:
     """The fate of one attempt that no outcome reported.
 
     executing: the configs worker processes said they were running, or None when unknown
     (threads and remote workers leave no trace); interruptions: the record's count so far;
-    results: finished_results(root).
+    results: finished_results(root); session: the run session that started the attempt,
+    whose workers' results alone count (None: a run of an earlier version, which kept none).
     """
     found = results.get((name, attempt))
+    if found is not None and found.session != session:
+        found = None  # a line from another run's files (copied in, or linked): not this attempt's
     if found is None:
         # A directory that an earlier version of resweep left running keeps results there.
         found = read_result(config_path(root, name))
@@ -160,6 +165,7 @@ def settle_left_running(state: State, root: str, *, count: bool = True) -> list[
             executing,
             interruptions=record.get("interruptions", 0),
             results=results,
+            session=record.get("session"),
         )
         fields = settled.fields
         if settled.fate == "interrupted" and not count:

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 from resweep import cache
 from resweep.errors import CacheMiss, ResweepError
 from resweep.files import check_layout
+from resweep.hooks import ConfigOutcome, Hooks
 from resweep.identity import NamedConfig, flatten
 from resweep.recovery import read_settled
 from resweep.selection import Selection
-from resweep.worker import Context, takes_context, to_plain_result
+from resweep.worker import Context, error_line, takes_context, to_plain_result
 
 if TYPE_CHECKING:
     from resweep.runner import Declared
@@ -103,6 +104,7 @@ def replay_experiment(
     pdb: bool = False,
     allow_pickle: bool = True,
     selection: Selection | None = None,
+    hooks: Hooks | None = None,
 ) -> Replay | list[Replay]:
     """Re-run configs in this process; every cached call answered from the cache, none made.
 
@@ -110,6 +112,7 @@ def replay_experiment(
     raises its exception again. Without: every done config (and failed one, with failed),
     each reported, none stopping the others. pdb: the post-mortem debugger at an exception.
     A selection narrows either to the configs whose fields match it.
+    hooks, when given, hear the replay as a run (context.backend "replay", no session).
     """
     store = experiment.store
     state, _ = read_settled(store)
@@ -140,18 +143,44 @@ def replay_experiment(
     value = setup.common() if setup is not None and setup.common else None
     if setup is not None and setup.per_worker is not None:
         setup.per_worker(value)
-    replays = [
-        _replay_one(
-            experiment,
-            state.configs[n],
-            n,
-            named,
-            pdb=pdb,
-            alone=name is not None,
+    if hooks:
+        hooks.run_start()
+        hooks.check()
+    replays = []
+    for n in names:
+        record = state.configs[n]
+        attempt = record.get("attempts", 1)
+        if hooks:
+            hooks.fire("on_config_start", config=n, attempt=attempt, params=record["params"])
+        replay = _replay_one(
+            experiment, record, n, named, pdb=pdb, alone=name is not None,
             allow_pickle=allow_pickle,
+        )  # fmt: skip
+        replays.append(replay)
+        if hooks:
+            outcome = ConfigOutcome(
+                name=n,
+                status="done" if replay.error is None else "failed",
+                attempt=attempt,
+                result=replay.result,
+                error=None if replay.error is None else error_line(replay.error),
+            )
+            hooks.fire("on_config_end", outcome, config=n, attempt=attempt, params=record["params"])
+    if hooks:
+        from resweep.runner import RunReport
+
+        raised = sum(r.error is not None for r in replays)
+        hooks.run_end(
+            RunReport(
+                done=len(replays) - raised,
+                failed=raised,
+                todo=0,
+                interrupted=0,
+                executed=len(replays),
+                cache_hits=sum(r.cache_hits for r in replays),
+            )
         )
-        for n in names
-    ]
+        hooks.check()
     return replays[0] if name is not None else replays
 
 

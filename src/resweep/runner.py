@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from resweep import cache, planning, provenance, status
 from resweep.clock import now_iso
 from resweep.durable import fault_text, write_atomic
-from resweep.errors import ResweepError
+from resweep.errors import HookError, ResweepError
 from resweep.files import (
     CONFIGS_DIR,
     RESULTS_DIR,
@@ -30,6 +30,7 @@ from resweep.files import (
     remove_worker_files,
     request_stop,
 )
+from resweep.hooks import ConfigOutcome, Hooks, HookSpecs, prepare
 from resweep.identity import NamedConfig
 from resweep.options import RunOptions
 from resweep.pools.base import Pool, PoolStopped, Returned
@@ -96,6 +97,8 @@ class Declared(Protocol):
     def store(self) -> Store: ...
 
     def named_configs(self) -> dict[str, NamedConfig]: ...
+
+    def hook_specs(self) -> HookSpecs: ...
 
 
 @dataclass(frozen=True)
@@ -350,9 +353,15 @@ class Scheduler:
         retries: int,
         progress: bool,
         fail_fast: bool = False,
+        hooks: Hooks | None = None,
     ) -> None:
         self.job = job
         self.fail_fast = fail_fast
+        self.hooks = hooks
+        # Attempts whose on_config_start has fired, and ended attempts whose on_config_end
+        # waits for their record to be synced.
+        self.hooks_started: set[tuple[str, int]] = set()
+        self.hooks_ended: list[tuple[str, ConfigOutcome, str | None]] = []
         # Set by the first failure under fail_fast: no further config is handed out.
         self.halted = False
         self.pending: deque[Task] = deque(tasks)
@@ -444,7 +453,8 @@ class Scheduler:
             self.in_flight[task.name] = task
         for attempt, names in by_attempt.items():
             fields = {"status": "running", "attempts": attempt, "start_time": start_time}
-            fields["end_time"] = None
+            # The session too: recovery trusts only results its own workers wrote.
+            fields["end_time"], fields["session"] = None, self.job.session
             self.writer.update_same(names, fields)
         # Written, not yet synced: a crash now still shows these configs as running.
         self.writer.write(sync=False)
@@ -472,7 +482,9 @@ class Scheduler:
             self._start(batch)
         pool.submit(batches)
 
-    def _finish(self, task: Task, fields: dict[str, Any], *, ok: bool) -> None:
+    def _finish(
+        self, task: Task, fields: dict[str, Any], *, ok: bool, worker: str | None = None
+    ) -> None:
         """Record one config's end; a failure with retries left goes back to the queue.
 
         A failed attempt's cached calls become that attempt's record: the next one asks afresh.
@@ -496,6 +508,7 @@ class Scheduler:
                 self.halted = True
                 request_stop(self.job.output_dir)
         self.writer.update(task.name, fields)
+        self._ended(task.name, task.attempt, worker)
 
     def absorb(self, returned: Returned) -> None:
         """Record what the pool handed back, in one group commit."""
@@ -517,7 +530,7 @@ class Scheduler:
                 self.executed += 1
                 self.cache_hits += outcome.cache_hits
                 self.cache_misses += outcome.cache_misses
-                self._finish(task, outcome.fields(), ok=outcome.ok)
+                self._finish(task, outcome.fields(), ok=outcome.ok, worker=outcome.worker)
             self._settle_lost(returned)
             self._commit(force=bool(returned.failed or returned.done or returned.suspects))
             ran = [o.duration_s for o in outcomes if o.started and o.fault is None]
@@ -529,6 +542,7 @@ class Scheduler:
         for task, fields in returned.done:
             self.in_flight.pop(task.name, None)
             self.writer.update(task.name, fields)
+            self._ended(task.name, task.attempt, None)
             self.executed += 1
             self.done += 1
         for task, reason in returned.failed:
@@ -566,6 +580,64 @@ class Scheduler:
             self.last_compaction = time.monotonic()
             self.compaction_s = self.last_compaction - started
 
+    def _ended(self, name: str, attempt: int, worker: str | None) -> None:
+        """Keep an ended attempt for on_config_end, which fires once its record is synced."""
+        if not self.hooks:
+            return
+        record = self.writer.state.configs[name]
+        outcome = ConfigOutcome(
+            name=name,
+            status=record["status"],
+            attempt=attempt,
+            result=record.get("result"),
+            error=record.get("error"),
+            start_time=record.get("start_time"),
+            end_time=record.get("end_time"),
+            duration_s=record.get("duration_s"),
+        )
+        self.hooks_ended.append((name, outcome, worker))
+
+    def _config_started(self, name: str, attempt: int, worker: str | None = None) -> None:
+        assert self.hooks is not None
+        if (name, attempt) in self.hooks_started:
+            return
+        self.hooks_started.add((name, attempt))
+        params = self.writer.state.configs[name].get("params")
+        self.hooks.fire(
+            "on_config_start", config=name, attempt=attempt, worker=worker, params=params
+        )
+
+    def fire_hooks(self, *, synced: bool) -> None:
+        """on_config_start for configs seen running; on_config_end for those recorded, once the
+        record is synced. A hook that stops the run (fail_fast) stops it like --fail-fast."""
+        hooks = self.hooks
+        if not hooks:
+            return
+        if self.in_flight and hooks.wants("on_config_start"):
+            executing = self.pool.executing() or set()
+            # A retry's start waits for the end of the attempt before it, still to be synced.
+            ending = {name for name, _, _ in self.hooks_ended}
+            for name in (executing & self.in_flight.keys()) - ending:
+                self._config_started(name, self.in_flight[name].attempt)
+        if synced and self.hooks_ended:
+            ended, self.hooks_ended = self.hooks_ended, []
+            for name, outcome, worker in ended:
+                # A config too quick to be seen running started all the same.
+                self._config_started(name, outcome.attempt, worker)
+                self.hooks_started.discard((name, outcome.attempt))
+                params = self.writer.state.configs[name].get("params")
+                hooks.fire(
+                    "on_config_end",
+                    outcome,
+                    config=name,
+                    attempt=outcome.attempt,
+                    worker=worker,
+                    params=params,
+                )
+        if hooks.failure is not None and not self.halted:
+            self.halted = True
+            request_stop(self.job.output_dir)
+
     def run(self) -> None:
         ended = False  # the loop ran out of work, with no exception on its way out
         with self.stop.installed():
@@ -588,6 +660,7 @@ class Scheduler:
                     self._notice_waiting()
                     if self.unsynced:
                         self._commit()
+                    self.fire_hooks(synced=not self.unsynced)
                     self._maybe_compact()
                 ended = True
             except KeyboardInterrupt:
@@ -624,9 +697,11 @@ class Scheduler:
                 executing,
                 interruptions=record.get("interruptions", 0),
                 results=results,
+                session=self.job.session,
             )
             self.writer.update(name, settled.fields)
             if settled.fate == "done":
+                self._ended(name, task.attempt, None)
                 self.done += 1
             elif settled.fate == "interrupted":
                 self.interrupted += 1
@@ -634,7 +709,27 @@ class Scheduler:
 
 
 def run_experiment(experiment: Declared, options: RunOptions) -> RunReport:
-    """One run: take the lock, bring the state up to date, run what is pending, compact."""
+    """One run: take the lock, bring the state up to date, run what is pending, compact.
+
+    Hooks hear of it: on_run_start and on_run_end around the run, or on_error for a run that
+    ends by an error, even one that never started (a bad config, a lock held by another run).
+    """
+    hooks = prepare(
+        experiment.hook_specs(),
+        output_dir=experiment.store.root,
+        experiment=experiment.name,
+        backend=options.backend,
+        max_workers=options.max_workers,
+    )
+    try:
+        return _run_experiment(experiment, options, hooks)
+    except (Exception, KeyboardInterrupt) as error:
+        if hooks:
+            hooks.error(error)
+        raise
+
+
+def _run_experiment(experiment: Declared, options: RunOptions, hooks: Hooks) -> RunReport:
     if experiment.timeout_s is not None and options.in_process:
         warnings.warn(
             f"timeout_s is enforced by killing worker processes; backend {options.backend!r} runs "
@@ -665,16 +760,21 @@ def run_experiment(experiment: Declared, options: RunOptions) -> RunReport:
                     from resweep.summary import SUMMARY_FILE
 
                     summary_path = store.root / SUMMARY_FILE
-                    return RunReport(
+                    report = RunReport(
                         done=counts["done"],
                         failed=counts["failed"],
                         todo=counts["todo"] + counts["running"],
                         interrupted=0,
                         summary=str(summary_path) if summary_path.exists() else None,
                     )
+                    _end_hooks(hooks, store, report)
+                    return report
             if named is None:
                 named = experiment.named_configs()
-            return _run_locked(experiment, named, store, options, finished, selection)
+            report = _run_locked(experiment, named, store, options, finished, selection, hooks)
+            # Still under the lock: a hook may read the state as this run leaves it.
+            _end_hooks(hooks, store, report)
+            return report
     except OSError as error:
         # Configs' own errors never get here: this is resweep's own writing that failed.
         raise storage_error(fault_text(error)) from None
@@ -687,6 +787,7 @@ def _run_locked(
     options: RunOptions,
     finished: str | None,
     selection: Selection,
+    hooks: Hooks,
 ) -> RunReport:
     existed = store.exists()
     state = store.read() if existed else State()
@@ -712,6 +813,8 @@ def _run_locked(
     if not names:
         if dirty:  # nothing to run and nothing new: a resume of a finished sweep writes nothing
             store.compact(state)
+            # What a dead run's workers left is settled in the state now.
+            remove_worker_files(store.root)
     else:
         if experiment.cache:
             # A broken cache stops the run before it writes anything: every config stays todo.
@@ -721,7 +824,7 @@ def _run_locked(
         pool = open_pool(options)
         try:
             scheduler = _run_pool(
-                experiment, named, store, options, state, names, pool, fingerprint
+                experiment, named, store, options, state, names, pool, fingerprint, hooks
             )
         finally:
             pool.close(finished=False)
@@ -769,6 +872,7 @@ def _run_pool(
     names: list[str],
     pool: Pool,
     fingerprint: str,
+    hooks: Hooks,
 ) -> Scheduler:
     """Record the session, hand the run to the pool and schedule it to the end."""
     session, session_record = provenance.new_session(
@@ -776,6 +880,7 @@ def _run_pool(
     )
     state.sessions[session] = session_record
     store.compact(state)
+    hooks.session, hooks.fingerprint = session, fingerprint
     if options.fresh:
         cache.drop(store.root, names)
     elif options.reuse_calls and experiment.cache:
@@ -808,6 +913,8 @@ def _run_pool(
     )
     writer = StateWriter(store, state)
     try:
+        hooks.run_start()
+        hooks.check()
         pool.start(job, timeout_s=experiment.timeout_s)
         scheduler = Scheduler(
             job,
@@ -817,9 +924,14 @@ def _run_pool(
             retries=experiment.retries,
             progress=options.progress,
             fail_fast=options.fail_fast,
+            hooks=hooks,
         )
         with routed_output():
             scheduler.run()
+        if scheduler.hooks_ended:
+            writer.write(sync=True)  # on_config_end comes after the record is synced
+            scheduler.fire_hooks(synced=True)
+        hooks.check()
     except BaseException as error:
         # Save what can be saved first: the journal already holds every outcome.
         session_record["end_time"] = now_iso()
@@ -835,12 +947,25 @@ def _run_pool(
     return scheduler
 
 
+def _end_hooks(hooks: Hooks, store: Store, report: RunReport) -> None:
+    """on_run_end; a hook that stopped the run (fail_fast) makes it end by its HookError."""
+    if not hooks:
+        return
+    hooks.run_end(report)
+    if hooks.failure is not None:
+        write_run_failure(store, hooks.failure)
+        raise hooks.failure
+
+
 def write_run_failure(store: Store, error: BaseException) -> None:
     """Leave the reason a run stopped on its own error next to the saved state."""
-    if isinstance(error, KeyboardInterrupt | ResweepError):
+    if isinstance(error, HookError):
+        text = f"{now_iso()} run stopped by a hook that raised\n{error.detail}"
+    elif isinstance(error, KeyboardInterrupt | ResweepError):
         return  # a stop, or an error resweep says in one line: nothing inside resweep failed
-    text = f"{now_iso()} run stopped by an error inside resweep\n" + "".join(
-        traceback.format_exception(error)
-    )
+    else:
+        text = f"{now_iso()} run stopped by an error inside resweep\n" + "".join(
+            traceback.format_exception(error)
+        )
     with contextlib.suppress(OSError):
         write_atomic(store.root / RUN_FAILURE_FILE, text, durable=False)

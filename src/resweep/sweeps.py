@@ -20,7 +20,8 @@ from typing import Any
 
 from resweep.errors import ConfigError
 
-_TOP_KEYS = ("base", "axes", "seeds")
+_TOP_KEYS = ("base", "axes", "seeds", "hooks", "extensions")
+_HOOK_KEYS = ("plugins", "fail_fast")
 _AXIS_KEYS = ("mode", "params")
 _MODES = ("grid", "zip")
 # Numbers that YAML 1.1 (PyYAML) reads as strings: an exponent without a dot, like 1e-3.
@@ -368,7 +369,54 @@ def load_configs(path: str | os.PathLike[str], cls: type | None = None) -> list[
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or "cannot be parsed"
         raise ConfigError(f"sweep file {file} is not valid YAML{where}: {problem}") from None
-    return expand(spec, cls, str(file))
+    configs = expand(spec, cls, str(file))
+    hooks, fail_fast, extensions = _hook_settings(spec, str(file))
+    return SweepConfigs(configs, hooks=hooks, hooks_fail_fast=fail_fast, extensions=extensions)
+
+
+class SweepConfigs(list[Any]):
+    """The configs of a sweep file, with the hooks it declares: Experiment takes both."""
+
+    def __init__(
+        self,
+        configs: Iterable[Any] = (),
+        *,
+        hooks: list[str] | None = None,
+        hooks_fail_fast: bool | None = None,
+        extensions: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(configs)
+        # Hook ids and dotted paths, as the file's `hooks:` lists them.
+        self.hooks: list[str] = list(hooks or [])
+        # The file's `hooks: {fail_fast: ...}`; None when it says nothing.
+        self.hooks_fail_fast = hooks_fail_fast
+        # Settings by namespace, handed to every hook.
+        self.extensions: dict[str, Any] = dict(extensions or {})
+
+
+def _hook_settings(spec: Any, where: str) -> tuple[list[str], bool | None, dict[str, Any]]:
+    """A sweep file's `hooks:` (a list, or {plugins, fail_fast}) and `extensions:`."""
+    if not isinstance(spec, Mapping):
+        return [], None, {}
+    hooks = spec.get("hooks")
+    fail_fast = None
+    if isinstance(hooks, Mapping):
+        _check_keys(hooks, _HOOK_KEYS, f"{where}: hooks", "use plugins and fail_fast")
+        fail_fast = hooks.get("fail_fast")
+        if fail_fast is not None and not isinstance(fail_fast, bool):
+            raise ConfigError(f"{where}: hooks: fail_fast must be true or false, not {fail_fast!r}")
+        hooks = hooks.get("plugins")
+    hooks = [] if hooks is None else hooks
+    if not isinstance(hooks, list) or not all(isinstance(h, str) and h for h in hooks):
+        raise ConfigError(
+            f"{where}: hooks must be a list of hook ids and dotted paths, or a mapping with "
+            "plugins (that list) and fail_fast"
+        )
+    extensions = spec.get("extensions")
+    extensions = {} if extensions is None else extensions
+    if not isinstance(extensions, Mapping) or not all(isinstance(k, str) for k in extensions):
+        raise ConfigError(f"{where}: extensions must be a mapping of namespace to settings")
+    return list(hooks), fail_fast, dict(extensions)
 
 
 def expand(spec: Any, cls: type | None, where: str = "sweep") -> list[Any]:
@@ -382,7 +430,7 @@ def expand(spec: Any, cls: type | None, where: str = "sweep") -> list[Any]:
         raise ConfigError(f"{where}: the sweep file is empty; give base, axes and/or seeds")
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{where}: a sweep file holds a mapping with base, axes and seeds")
-    _check_keys(spec, _TOP_KEYS, where, "use base, axes, seeds")
+    _check_keys(spec, _TOP_KEYS, where, "use base, axes, seeds, hooks, extensions")
     base = spec.get("base")
     base = {} if base is None else base
     if not isinstance(base, Mapping):

@@ -100,6 +100,8 @@ class Outcome:
     fault: str | None = None
     # False for a config a worker did not start because the run is stopping: still todo.
     started: bool = True
+    # Where it ran, for hooks: "host:pid", and the thread for a threads pool.
+    worker: str | None = None
 
     def __reduce__(self) -> tuple[type[Outcome], tuple[Any, ...]]:
         return (Outcome, _outcome_values(self))
@@ -135,7 +137,7 @@ class WorkerSetup:
 class Context:
     """What one run of one config sees: its name, directory, shared context and logger."""
 
-    __slots__ = ("_dir", "_log", "_log_stream", "attempt", "config", "name", "shared")
+    __slots__ = ("_dir", "_fault", "_log", "_log_stream", "attempt", "config", "name", "shared")
     _dir: str | Path
 
     def __init__(
@@ -155,13 +157,21 @@ class Context:
         self.attempt = attempt
         self._log_stream = log_stream
         self._log: logging.Logger | None = None
+        # Why ctx.dir could not be made (a link planted there, a full disk), kept even if the
+        # config catches the error: the run stops on it, not the config.
+        self._fault: OSError | None = None
 
     @property
     def dir(self) -> Path:
         """The config's own directory, for its artifacts: made when first asked for, so a config
         that keeps nothing costs no directory."""
         if not isinstance(self._dir, Path):
-            make_config_dir(self._dir)
+            try:
+                make_config_dir(self._dir)
+            except OSError as error:
+                if is_write_fault(error):
+                    self._fault = self._fault or error
+                raise
             self._dir = Path(self._dir)
         return self._dir
 
@@ -293,6 +303,7 @@ def call_config(
     """
     ok, result, error, trace = False, None, setup_error, None
     token = _current_log.set(log)
+    ctx = None
     try:
         if setup_error is None:
             ctx = Context(
@@ -321,6 +332,10 @@ def call_config(
         error, trace = error_line(exc), error_trace(exc)
     finally:
         _current_log.reset(token)
+    # resweep could not write under the config's directory, whatever the config did with that.
+    fault = getattr(log, "fault", None) or (ctx._fault if ctx is not None else None)
+    if fault is not None:
+        return fault
     return ok, result, error, trace
 
 
@@ -338,11 +353,10 @@ def execute(
     started = time.perf_counter()
     # A string, not a Path, and not made: ctx.dir and the log make it only when they need it.
     config_dir = config_path(job.output_dir, task.name)
-    if task.attempt > 1:
-        try:
-            clear_earlier_attempt(config_dir)
-        except OSError as exc:
-            return faulted(task, start_time, exc)
+    try:
+        clear_earlier_attempt(config_dir)
+    except OSError as exc:
+        return faulted(task, start_time, exc)
     log = LazyLog(config_dir, task.attempt)
     stats = cache.CallStats()
     if marker is not None:
@@ -358,7 +372,7 @@ def execute(
         ok, result, error, trace = call
         outcome = Outcome(
             task.name, ok, result, error, start_time, now_iso(), time.perf_counter() - started,
-            task.attempt, stats.hits, stats.misses,
+            task.attempt, stats.hits, stats.misses, worker=worker_id(),
         )  # fmt: skip
         try:
             if ok:
@@ -391,9 +405,12 @@ def keep_result(job: Job, outcome: Outcome) -> None:
         with _result_logs_lock:
             log = _result_logs.get(job.token)
             if log is None:
-                for earlier in _result_logs.values():  # one run at a time per process
-                    earlier.close()
-                _result_logs.clear()
+                if os.getpid() != job.coordinator_pid:
+                    # A worker process runs one run at a time: a new run ends the last one's.
+                    for earlier in _result_logs.values():
+                        earlier.close()
+                    _result_logs.clear()
+                # In a run's own process (threads, Dask landing) the run closes it at its end.
                 log = _result_logs[job.token] = ResultLog(job.results_dir)
     log.append(outcome.name, stored_result(job, outcome))
 
@@ -404,6 +421,20 @@ def close_result_log(job: Job) -> None:
         log = _result_logs.pop(job.token, None)
     if log is not None:
         log.close()
+
+
+_host: list[str] = []
+
+
+def worker_id() -> str:
+    """This worker as hooks name it: "host:pid", and "/thread" outside the main thread."""
+    if not _host:
+        import socket
+
+        _host.append(f"{socket.gethostname()}:")
+    thread = threading.current_thread()
+    where = f"{_host[0]}{os.getpid()}"
+    return where if thread is threading.main_thread() else f"{where}/{thread.name}"
 
 
 def stored_result(job: Job, outcome: Outcome) -> StoredResult:

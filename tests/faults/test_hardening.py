@@ -257,7 +257,7 @@ experiment = resweep.Experiment(
 
 @pytest.mark.parametrize(
     "link",
-    ["configs/i=1", "configs/i=1/log.txt", "cache", "cache.lock", ".lock", ".workers"],
+    ["configs/i=1", "configs/i=1/log.txt", "cache", "cache.lock", ".lock", ".workers", ".results"],
 )
 def test_a_symlink_under_output_dir_is_never_written_through(
     printing_script: Path, tmp_path: Path, link: str
@@ -277,6 +277,79 @@ def test_a_symlink_under_output_dir_is_never_written_through(
     proc = run_cli(printing_script, "run", "--noprogress", "--max-workers", "2")
     assert_one_line_error(proc, "symbolic link")
     assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("planted", ["link", "file"])
+def test_a_link_planted_at_a_failed_configs_dir_is_not_cleared_through(
+    fault_script: Callable[[str], Path], tmp_path: Path, planted: str
+) -> None:
+    """Its next attempt clears the last one's traceback: never through a link, and a file
+    where the directory belongs stops the run too, in one line."""
+    script = fault_script(
+        """
+def work(config):
+    if config["i"] == 1 and not os.path.exists(os.path.join(HERE, "fixed")):
+        raise ValueError("first time")
+    return {"i": config["i"]}
+
+
+experiment = resweep.Experiment(
+    function=work, configs=[{"i": i} for i in range(3)], output_dir=OUT
+)
+"""
+    )
+    assert run_cli(script, "run", "--noprogress").returncode == 1
+    out = tmp_path / "out"
+    config_dir = out / "configs" / "i=1"
+    shutil.rmtree(config_dir)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for name in ("exception.txt", "result.yaml"):
+        (victim / name).write_text("precious")
+    if planted == "link":
+        config_dir.symlink_to(victim, target_is_directory=True)
+    else:
+        config_dir.write_text("a file")
+    (tmp_path / "fixed").touch()
+    proc = run_cli(script, "run", "--noprogress", "--retry-failed")
+    assert_one_line_error(proc, "symbolic link" if planted == "link" else "i=1")
+    assert sorted(p.read_text() for p in victim.iterdir()) == ["precious", "precious"]
+    assert resweep.open(out).state.configs["i=1"]["status"] != "done"
+
+
+@pytest.mark.parametrize("how", ["logs", "catches"])
+def test_a_link_at_a_config_dir_stops_the_run_whatever_the_config_does(
+    fault_script: Callable[[str], Path], tmp_path: Path, how: str
+) -> None:
+    """A link where a config's directory belongs stops the run in one line, even when the config
+    only logs (a logging handler swallows errors) or catches the error itself."""
+    script = fault_script(
+        """
+def work(config, ctx):
+    if os.environ["HOW"] == "logs":
+        ctx.log.info("a line")
+    else:
+        try:
+            (ctx.dir / "artifact.txt").write_text("x")
+        except OSError:
+            pass
+    return {"i": config["i"]}
+
+
+experiment = resweep.Experiment(
+    function=work, configs=[{"i": i} for i in range(3)], output_dir=OUT
+)
+"""
+    )
+    out = tmp_path / "out"
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (out / "configs").mkdir(parents=True)
+    (out / "configs" / "i=1").symlink_to(target, target_is_directory=True)
+    proc = run_cli(script, "run", "--noprogress", env=child_env(HOW=how))
+    assert_one_line_error(proc, "symbolic link")
+    assert list(target.iterdir()) == []
+    assert resweep.open(out).state.configs["i=1"]["status"] == "todo"
 
 
 # -- 5. a problem of one config fails that config -------------------------------------------

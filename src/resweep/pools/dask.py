@@ -472,8 +472,7 @@ def land(job: Job, calls: Any, outcome: Outcome, shipment: Shipment) -> bool:
         recorded = bool(shipment.entries and calls is not None)
         if recorded:
             cache.add_calls(calls, outcome.name, shipment.entries)
-        if outcome.attempt > 1:
-            clear_earlier_attempt(config_dir)
+        clear_earlier_attempt(config_dir)
         append_log(config_dir, shipment.log)
         if outcome.ok:
             keep_result(job, outcome)

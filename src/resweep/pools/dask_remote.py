@@ -258,6 +258,6 @@ def _execute_remote(remote: _Remote, task: Task, recorded: cache.Calls) -> tuple
         shutil.rmtree(config_dir, ignore_errors=True)
     outcome = Outcome(
         task.name, ok, result, error, start_time, now_iso(), duration_s, task.attempt,
-        stats.hits, stats.misses,
+        stats.hits, stats.misses, worker=distributed.get_worker().address,
     )  # fmt: skip
     return outcome, Shipment(log.text(), trace, entries)

@@ -20,6 +20,7 @@ from resweep.errors import ResweepError
 from resweep.files import (
     WORKERS_DIR,
     Marker,
+    ResultsIndex,
     clear_markers,
     read_markers,
     request_stop,
@@ -265,6 +266,8 @@ class LocalPool:
         self.timeout_s: float | None = None
         self.timed_out: set[str] = set()
         self.unexplained_breaks = 0
+        # What this run's workers wrote to their results files, read on as the pool breaks.
+        self.results: ResultsIndex | None = None
         self._executor: Any = None
         if self.processes:
             # Start the workers now: they import Python and resweep while the coordinator
@@ -337,6 +340,10 @@ class LocalPool:
     def _after_break(self, error: BaseException, returned: Returned) -> None:
         """A worker died and took the pool with it: the fate of every config that was out."""
         assert self.job is not None
+        # Every worker of the broken pool dead first: one still running a config would write
+        # its result after this reads them, and that config would run again.
+        with contextlib.suppress(Exception):
+            self._executor.shutdown(wait=True, kill_workers=True)
         running = read_markers(self.markers_dir) if self.markers_dir else {}
         lost = [task for batch in self.futures.values() for task in batch]
         self.futures.clear()
@@ -348,11 +355,13 @@ class LocalPool:
             culprit = lost[0].name
         elif not timeouts and len(executing) == 1:
             culprit = executing[0].name
-        results = finished_results(self.job.output_dir)
+        if self.results is None:
+            self.results = finished_results(self.job.output_dir)
+        results = self.results.refresh()  # only what was written since the last break
         for task in lost:
             settled = settle(
                 self.job.output_dir, task.name, task.attempt, running, interruptions=0,
-                results=results,
+                results=results, session=self.job.session,
             )  # fmt: skip
             if settled.fate == "done":
                 returned.done.append((task, settled.fields))

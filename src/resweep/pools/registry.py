@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
-from resweep.options import RunOptions
+from resweep import plugins
+from resweep.errors import PluginError
+from resweep.options import BACKENDS, RunOptions
 from resweep.pools.base import Pool
 
 
 def open_pool(options: RunOptions) -> Pool:
     """The pool for a run's backend; nothing connects or starts before Pool.start but loky's
-    workers, which import Python while the coordinator prepares the run."""
+    workers, which import Python while the coordinator prepares the run.
+
+    Any other backend is a plugin's: its factory takes the run's options and returns a Pool."""
+    if options.backend not in BACKENDS:
+        factory = plugins.load("backend", options.backend)
+        try:
+            pool: Pool = factory(options)
+        except PluginError:
+            raise
+        except Exception as error:
+            raise PluginError(
+                f"backend {options.backend!r} could not start a pool: {type(error).__name__}: "
+                f"{error}"
+            ) from error
+        missing = [m for m in _POOL_METHODS if not callable(getattr(pool, m, None))]
+        if missing:
+            raise PluginError(
+                f"backend {options.backend!r} returned a {type(pool).__name__}, which lacks "
+                f"the Pool methods {', '.join(missing)} (see resweep.pools.base.Pool)"
+            )
+        return pool
     if options.backend == "dask":
         from resweep.pools.dask import DaskPool
 
@@ -16,3 +38,8 @@ def open_pool(options: RunOptions) -> Pool:
     from resweep.pools.local import LocalPool
 
     return LocalPool(options.backend, options.max_workers)
+
+
+_POOL_METHODS = (
+    "start", "capacity", "batch_size", "submit", "out", "wait", "stop", "executing", "close",
+)  # fmt: skip

@@ -1,0 +1,249 @@
+"""The MLflow bridge, hook id `mlflow`: each finished config an MLflow run under one parent.
+
+Installed with `pip install 'resweep[mlflow]'` (mlflow-skinny). The tracking store is MLflow's
+own choice (MLFLOW_TRACKING_URI), unless extensions: {mlflow: {tracking_uri: ...}} says one.
+A config is one MLflow run, found again by its tags: killing and resuming a sweep, or running
+it again, updates that run and never logs the config twice.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from resweep.errors import PluginError
+from resweep.hooks import ConfigOutcome, HookContext
+from resweep.identity import flatten
+
+# Tags that tie MLflow runs to a resweep experiment directory and a config.
+TAG_DIR = "resweep.output_dir"
+TAG_ROLE = "resweep.role"
+TAG_CONFIG = "resweep.config"
+TAG_STATUS = "resweep.status"
+TAG_ATTEMPTS = "resweep.attempts"
+TAG_SESSION = "resweep.session"
+TAG_FINGERPRINT = "resweep.fingerprint"
+TAG_ERROR = "resweep.error"
+# MLflow's limits on a param's and a tag's value.
+MAX_PARAM_CHARS = 6000
+MAX_TAG_CHARS = 5000
+BATCH = 100
+
+
+def _millis(timestamp: str | None) -> int | None:
+    if not timestamp:
+        return None
+    try:
+        return int(datetime.datetime.fromisoformat(timestamp).timestamp() * 1000)
+    except ValueError:
+        return None
+
+
+def _quoted(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def metrics_of(result: Any) -> dict[str, float]:
+    """The result's numeric keys (nested keys joined with '.'), booleans left out."""
+    if not isinstance(result, Mapping):
+        return {}
+    return {
+        key: float(value)
+        for key, value in flatten(result).items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and not math.isinf(value)
+    }
+
+
+def params_of(params: Any) -> dict[str, str]:
+    if not isinstance(params, Mapping):
+        return {}
+    return {key: str(value)[:MAX_PARAM_CHARS] for key, value in flatten(params).items()}
+
+
+class MlflowHook:
+    """Logs every finished config as a nested MLflow run of the experiment's parent run."""
+
+    def __init__(self) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            # Refused before the run starts: a bad setup, not a hook failing mid-sweep.
+            raise PluginError("the mlflow hook needs MLflow: pip install 'resweep[mlflow]'")
+        self.client: Any = None
+        self.experiment_id: str | None = None
+        self.parent_id: str | None = None
+        self.output_dir = ""
+        # Config name -> (run id, its resweep.attempts and resweep.status tags, MLflow status).
+        self.runs: dict[str, tuple[str, str, str, str]] = {}
+
+    # -- hook events -----------------------------------------------------------------------
+
+    def on_run_start(self, context: HookContext) -> None:
+        if context.backend == "replay":
+            return  # a replay changes no outcome: nothing to log
+        from mlflow.tracking import MlflowClient
+
+        settings = context.settings
+        self.output_dir = str(context.output_dir)
+        self.client = MlflowClient(tracking_uri=settings.get("tracking_uri"))
+        name = str(settings.get("experiment_name") or context.experiment or context.output_dir.name)
+        found = self.client.get_experiment_by_name(name)
+        self.experiment_id = (
+            found.experiment_id if found is not None else self.client.create_experiment(name)
+        )
+        self.parent_id = self._parent(context, name)
+        self.runs = self._children()
+        context.artifacts.write_json(
+            "mlflow.json",
+            {
+                "tracking_uri": self.client.tracking_uri,
+                "experiment_id": self.experiment_id,
+                "parent_run_id": self.parent_id,
+            },
+        )
+        self._catch_up(context)
+
+    def on_config_end(self, context: HookContext, outcome: ConfigOutcome) -> None:
+        if not outcome.final or self.client is None:
+            return  # a retry follows within this run (its outcome is the one to log), a replay
+        self.log_config(
+            outcome.name,
+            {
+                "params": context.params,
+                "status": outcome.status,
+                "attempts": outcome.attempt,
+                "result": outcome.result,
+                "error": outcome.error,
+                "start_time": outcome.start_time,
+                "end_time": outcome.end_time,
+                "session": context.session,
+                "fingerprint": context.fingerprint if outcome.status == "done" else None,
+            },
+        )
+
+    def on_run_end(self, context: HookContext, report: Any) -> None:
+        if self.client is None or self.parent_id is None:
+            return
+        self.client.log_batch(
+            self.parent_id,
+            metrics=self._metrics(
+                {"done": report.done, "failed": report.failed, "todo": report.todo}, None
+            ),
+        )
+        finished = report.todo == 0
+        self.client.set_terminated(
+            self.parent_id, status="FINISHED" if finished and not report.failed else "FAILED"
+        )
+
+    # -- MLflow runs -------------------------------------------------------------------------
+
+    def _search(self, filter_string: str) -> list[Any]:
+        runs: list[Any] = []
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], filter_string=filter_string, max_results=1000,
+                page_token=token,
+            )  # fmt: skip
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def _parent(self, context: HookContext, name: str) -> str:
+        where = self.output_dir
+        found = self._search(
+            f"tags.`{TAG_DIR}` = {_quoted(where)} and tags.`{TAG_ROLE}` = 'experiment'"
+        )
+        if found:
+            run_id: str = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=name,
+            tags={TAG_DIR: where, TAG_ROLE: "experiment", "mlflow.runName": name},
+        )
+        return str(run.info.run_id)
+
+    def _children(self) -> dict[str, tuple[str, str, str, str]]:
+        runs: dict[str, tuple[str, str, str, str]] = {}
+        for run in self._search(f"tags.`mlflow.parentRunId` = {_quoted(str(self.parent_id))}"):
+            tags = run.data.tags
+            name = tags.get(TAG_CONFIG)
+            if name is not None and name not in runs:
+                runs[name] = (
+                    run.info.run_id,
+                    tags.get(TAG_ATTEMPTS, ""),
+                    tags.get(TAG_STATUS, ""),
+                    run.info.status,
+                )
+        return runs
+
+    def _catch_up(self, context: HookContext) -> None:
+        """Log the finished configs MLflow lacks: a run killed before its hooks heard of them."""
+        from resweep.recovery import read_settled
+        from resweep.store import Store
+
+        store = Store(context.output_dir)
+        if not store.exists():
+            return
+        state = read_settled(store)[0]
+        for name, record in state.configs.items():
+            if record.get("status") in ("done", "failed"):
+                self.log_config(name, record)
+
+    def log_config(self, name: str, record: Mapping[str, Any]) -> None:
+        """One config's MLflow run, created or brought up to date; nothing when it is already."""
+        status = str(record.get("status"))
+        attempts = str(record.get("attempts"))
+        mlflow_status = "FINISHED" if status == "done" else "FAILED"
+        known = self.runs.get(name)
+        if known is not None and known[1:] == (attempts, status, mlflow_status):
+            return  # logged already, this very attempt
+        tags = {
+            TAG_CONFIG: name,
+            TAG_STATUS: status,
+            TAG_ATTEMPTS: attempts,
+            TAG_DIR: self.output_dir,
+            "mlflow.parentRunId": str(self.parent_id),
+            "mlflow.runName": name,
+        }
+        if record.get("session"):
+            tags[TAG_SESSION] = str(record["session"])
+        if record.get("fingerprint"):
+            tags[TAG_FINGERPRINT] = str(record["fingerprint"])
+        if status == "failed" and record.get("error"):
+            tags[TAG_ERROR] = str(record["error"])[:MAX_TAG_CHARS]
+        if known is None:
+            # Tagged as it is made: a kill right after still leaves it findable by its config.
+            run = self.client.create_run(
+                self.experiment_id, start_time=_millis(record.get("start_time")), tags=tags
+            )
+            run_id = str(run.info.run_id)
+            params = params_of(record.get("params"))
+            from mlflow.entities import Param
+
+            items = [Param(k, v) for k, v in params.items()]
+            for i in range(0, len(items), BATCH):
+                self.client.log_batch(run_id, params=items[i : i + BATCH])
+        else:
+            run_id = known[0]
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        metrics = self._metrics(metrics_of(record.get("result")), record.get("end_time"))
+        for i in range(0, len(metrics), BATCH):
+            self.client.log_batch(run_id, metrics=metrics[i : i + BATCH])
+        self.client.set_terminated(
+            run_id, status=mlflow_status, end_time=_millis(record.get("end_time"))
+        )
+        self.runs[name] = (run_id, attempts, status, mlflow_status)
+
+    def _metrics(self, values: Mapping[str, float], end_time: str | None) -> list[Any]:
+        from mlflow.entities import Metric
+
+        stamp = _millis(end_time) or int(datetime.datetime.now().timestamp() * 1000)
+        return [Metric(key, value, stamp, 0) for key, value in values.items()]
