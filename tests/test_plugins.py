@@ -116,7 +116,7 @@ def test_an_installed_plugin_is_listed_and_used(
     [
         (["--backend", "nope"], "audit", "unknown backend 'nope'; known backends: loky, threading, "
          "sequential, dask, tiny-cluster"),
-        ([], "nope", "unknown hook 'nope'; known hooks: audit"),
+        ([], "nope", "unknown hook 'nope'; known hooks: audit, mlflow"),
     ],
 )  # fmt: skip
 def test_an_unknown_id_is_one_line_listing_the_known_ones(
