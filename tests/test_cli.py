@@ -183,10 +183,15 @@ def test_force_summary_and_clean_index(script: Path) -> None:
 
 def test_run_on_worker_processes_prints_nothing_but_its_counts(script: Path) -> None:
     """A run on worker processes, which lets its pool go before its final writes, exits 0
-    with its counts on stdout and nothing on stderr: no warning from the pool's shutdown."""
+    with its counts and the summary's path on stdout and nothing on stderr: no warning from
+    the pool's shutdown."""
     done = run_script(script, "run", "--max-workers", "2", "--noprogress")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "done 5, failed 0, todo 0"
+    summary = script.parent / "out" / "summary.csv"
+    assert done.stdout.splitlines() == [
+        "done 5, failed 0, todo 0",
+        f"summary written to {summary}",
+    ]
     assert done.stderr == ""
 
 

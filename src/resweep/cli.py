@@ -128,6 +128,10 @@ def _elapsed(start_time: str | None) -> str:
     return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f}min"
 
 
+# How often `status --watch` reads the experiment again.
+WATCH_EVERY_S = 1.0
+
+
 def _exit(code: int) -> NoReturn:
     sys.stdout.flush()
     raise SystemExit(code)
@@ -203,12 +207,23 @@ class CLI:
                 f"{len(report.absent)} configs in the state are no longer in the script and will "
                 f"never run: {shown}; `clean_index` drops them"
             )
+        if report.summary is not None:
+            print(f"summary written to {report.summary}")
         _exit(report.exit_code)
 
-    def status(self, failed: bool = False, json: bool = False, where: Any = None) -> None:
+    def status(
+        self, failed: bool = False, json: bool = False, where: Any = None, watch: bool = False
+    ) -> None:
         """Counts by status, the configs running now, and with --failed each failure's error;
-        --where KEY=GLOB counts only the configs whose fields match."""
-        report = self._experiment.status_report(where=_where(where))
+        --where KEY=GLOB counts only the configs whose fields match; --watch refreshes it every
+        second until the run ends (Ctrl-C stops watching, exit 0)."""
+        selected = _where(where)
+        if watch:
+            if json:
+                raise ResweepError("status --watch is for a person; use --json without --watch")
+            self._watch(selected)
+            return
+        report = self._experiment.status_report(where=selected)
         if json:
             print(jsonlib.dumps(report.as_json(failed=failed), indent=2))
             return
@@ -246,6 +261,48 @@ class CLI:
         note = report.changed_note
         if note:
             print(note)
+
+    def _watch(self, where: Mapping[str, Any] | None) -> None:
+        """Draw the snapshot again every WATCH_EVERY_S until no run is active.
+
+        On a terminal it is redrawn in place; into a pipe or a file each snapshot follows the
+        last one, without cursor codes, separated by a blank line.
+        """
+        import shutil
+        import time
+
+        from resweep.status import snapshot_lines
+
+        terminal = sys.stdout.isatty()
+        drawn = 0
+        watched = False
+        try:
+            while True:
+                report = self._experiment.status_report(where=where)
+                active = report.active_run is not None
+                watched = watched or active
+                if terminal:
+                    size = shutil.get_terminal_size()
+                    # One column spare: a line that fills the last one wraps on some terminals.
+                    lines = snapshot_lines(
+                        report, width=size.columns - 1, height=max(3, size.lines - 2)
+                    )
+                    # Back to the first line of the last snapshot, and clear down from there.
+                    up = f"\x1b[{drawn}A" if drawn else ""
+                    sys.stdout.write(f"{up}\r\x1b[J" + "\n".join(lines) + "\n")
+                    drawn = len(lines)
+                else:
+                    lines = snapshot_lines(report, width=10_000)
+                    sys.stdout.write(("\n" if drawn else "") + "\n".join(lines) + "\n")
+                    drawn = len(lines)
+                sys.stdout.flush()
+                if not active:
+                    break
+                time.sleep(WATCH_EVERY_S - time.time() % WATCH_EVERY_S)
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            _exit(0)  # watching stopped, as asked: nothing failed
+        print("the run ended" if watched else "nothing to watch")
 
     def replay(
         self,

@@ -429,6 +429,9 @@ class LazyLog(io.TextIOBase):
             try:
                 make_config_dir(self._dir)
                 self._handle = open_text(os.path.join(self._dir, LOG_FILE), append=True)
+                # Each line reaches the file as it is printed: `status` shows a running
+                # config's last.
+                self._handle.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
             except OSError as error:
                 if is_write_fault(error):
                     self.fault = self.fault or error
@@ -460,19 +463,23 @@ class Marker:
     lock held knows a process still runs a config of a run that is gone (see recovery).
     """
 
-    def __init__(self, markers_dir: str | os.PathLike[str], name: str | None = None) -> None:
+    def __init__(
+        self, markers_dir: str | os.PathLike[str], name: str | None = None, *, locked: bool = True
+    ) -> None:
         path = os.path.join(markers_dir, name or str(os.getpid()))
         self._fd = open_fd(path)
+        # A thread of the coordinator needs no lock: it cannot outlive the run's own process.
+        self._locked = locked
 
     def mark(self, name: str) -> None:
         """Say which config this process runs now ('' for none)."""
         import fcntl
 
         record = f"{time.time():.3f} {name}".encode()[:MARKER_BYTES]
-        if name:
+        if name and self._locked:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         os.pwrite(self._fd, record.ljust(MARKER_BYTES), 0)
-        if not name:
+        if not name and self._locked:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
@@ -480,10 +487,20 @@ class Marker:
             os.close(self._fd)
 
 
+def thread_marker_name(pid: int, thread: int) -> str:
+    """The marker file of one thread of a run that runs configs in its own process."""
+    return f"thread-{pid}-{thread}"
+
+
 def marker_pid(file_name: str) -> tuple[str, int] | None:
-    """(host, pid) of the process a marker file belongs to: '<pid>' here, 'dask-<host>-<pid>-<thread>'."""
+    """(host, pid) of the process a marker file belongs to: '<pid>' or 'thread-<pid>-<thread>'
+    here, 'dask-<host>-<pid>-<thread>'."""
     if file_name.isdigit():
         return socket.gethostname(), int(file_name)
+    if file_name.startswith("thread-"):
+        pid, _, thread = file_name[len("thread-") :].partition("-")
+        if pid.isdigit() and thread.isdigit():
+            return socket.gethostname(), int(pid)
     if file_name.startswith("dask-"):  # dask-<host>-<pid>-<thread>
         host_pid, _, thread = file_name[len("dask-") :].rpartition("-")
         host, _, pid = host_pid.rpartition("-")
@@ -512,32 +529,39 @@ def read_markers(markers_dir: str | os.PathLike[str]) -> dict[str, tuple[int, fl
     return running
 
 
-# A Dask run's coordinator lists here each config a worker was heard to start, one per line.
+# A Dask run's coordinator lists here each config a worker was heard to start, one per line:
+# [name, attempt, start time] (a bare name from older versions).
 STARTED_FILE = "started"
 
 
-def note_started(markers_dir: str | os.PathLike[str], names: list[str]) -> None:
-    """Append configs that really started, for the settling of a run that dies (Dask)."""
-    data = "".join(f"{encode_line(name)}\n" for name in names).encode()
+def note_started(
+    markers_dir: str | os.PathLike[str], started: list[tuple[str, int]], when: float
+) -> None:
+    """Append configs that really started, (name, attempt) at time when: for the settling of a
+    run that dies, and for `status` (Dask)."""
+    data = "".join(f"{encode_line([name, attempt, when])}\n" for name, attempt in started)
     fd = open_fd(os.path.join(markers_dir, STARTED_FILE), append=True)
     try:
-        write_all(fd, data)
+        write_all(fd, data.encode())
     finally:
         os.close(fd)
 
 
-def read_started(markers_dir: str | os.PathLike[str]) -> set[str] | None:
-    """The configs a Dask run heard start, or None when it was no Dask run."""
+def read_started(markers_dir: str | os.PathLike[str]) -> dict[str, tuple[int, float]] | None:
+    """The configs a Dask run heard start, name -> (attempt, start time) of the last start heard,
+    or None when it was no Dask run. An older file's lines give attempt 0 and time 0."""
     try:
         text = Path(markers_dir, STARTED_FILE).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
-    started = set()
+    started = {}
     for line in text.splitlines():
-        with contextlib.suppress(ValueError):
-            name = json.loads(line)
-            if isinstance(name, str):
-                started.add(name)
+        with contextlib.suppress(ValueError, TypeError):
+            entry = json.loads(line)
+            if isinstance(entry, str):
+                started[entry] = (0, 0.0)
+            elif isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str):
+                started[entry[0]] = (int(entry[1]), float(entry[2]))
     return started
 
 

@@ -83,7 +83,7 @@ def executing_configs(root: str) -> set[str] | None:
     if not os.path.isdir(markers):
         return None
     # Worker processes leave markers; a Dask run also lists what its workers were heard to start.
-    return (read_started(markers) or set()) | set(read_markers(markers))
+    return set(read_started(markers) or ()) | set(read_markers(markers))
 
 
 # How long a run waits for a worker of a dead run to die once it was sent SIGKILL, or for one on

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import sys
 import threading
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from resweep import cache, planning, provenance
+from resweep import cache, planning, provenance, status
 from resweep.clock import now_iso
 from resweep.durable import fault_text, write_atomic
 from resweep.errors import HookError, ResweepError
@@ -55,6 +56,8 @@ SYNC_EVERY_S = 0.05
 COMPACT_EVERY_S = 10.0
 # How often the loop looks up from waiting: timeouts, a lost cluster, a stop.
 POLL_S = 0.1
+# How often the bar is drawn again while no config finishes, so that its clock keeps going.
+TICK_S = 1.0
 
 
 class Declared(Protocol):
@@ -116,6 +119,8 @@ class RunReport:
     # Cached calls of this run's configs answered from earlier attempts, and made for real.
     cache_hits: int = 0
     cache_misses: int = 0
+    # Where summary.csv is, when every config is done.
+    summary: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -129,10 +134,18 @@ class RunReport:
 class Stop:
     """What the signal handlers asked for: a graceful stop, then a hard one."""
 
-    def __init__(self, *, raise_on_hard: bool, on_first: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        raise_on_hard: bool,
+        on_first: Callable[[], int] | None = None,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
         # Called at the first Ctrl-C: tells workers to start nothing more, returns how many
         # configs are still running.
         self.on_first = on_first
+        # How the first Ctrl-C's message reaches the user: above the progress bar, if any.
+        self.say = say
         self.requested = False
         self.hard = False
         self.signal_name: str | None = None
@@ -156,12 +169,14 @@ class Stop:
         self.signal_name = name
         running = self.on_first() if self.on_first is not None else None
         waiting = "the running configs" if running is None else f"{running} running configs"
-        print(
-            f"\nresweep: stopping: starting no new config, waiting for {waiting} to finish; "
-            "Ctrl-C again to stop at once",
-            file=sys.__stderr__,
-            flush=True,
+        message = (
+            f"resweep: stopping: starting no new config, waiting for {waiting} to finish; "
+            "Ctrl-C again to stop at once"
         )
+        if self.say is not None:
+            self.say(message)
+        else:
+            print(f"\n{message}", file=sys.__stderr__, flush=True)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -187,15 +202,142 @@ class Stop:
                 raise KeyboardInterrupt
 
 
-def progress_bar() -> Any:
-    """tqdm's bar class, a notebook widget under Jupyter: tqdm.auto's choice without the asyncio
-    import it adds, about 30 ms of every run's start."""
-    from tqdm.std import TqdmExperimentalWarning
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (or JupyterLite), as tqdm.autonotebook tells it."""
+    if "ipykernel.zmqshell" in sys.modules:
+        # Qt console and Spyder show text, not widgets.
+        return not any(key == "QT_API" or key.startswith("SPYDER") for key in os.environ)
+    return "IPython.utils._process_emscripten" in sys.modules
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TqdmExperimentalWarning)
-        from tqdm.autonotebook import tqdm
-    return tqdm
+
+def progress_bar() -> tuple[Any, Any]:
+    """tqdm's bar class and the stream it draws on: a notebook widget under Jupyter when
+    ipywidgets is there, else a text bar (on the cell's stderr in a notebook), with no warning.
+
+    tqdm.autonotebook makes the same choice but warns "IProgress not found" where ipywidgets is
+    missing, and tqdm.auto adds an asyncio import, about 30 ms of every run's start.
+    """
+    if in_notebook():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                from tqdm.notebook import IProgress
+                from tqdm.notebook import tqdm as notebook_tqdm
+            except Exception:  # IPython too old or broken: text it is
+                IProgress = None
+        if IProgress is not None:
+            return notebook_tqdm, sys.stderr
+        from tqdm.std import tqdm
+
+        # The cell shows the kernel's sys.stderr; sys.__stderr__ is the terminal behind Jupyter.
+        return tqdm, sys.stderr
+    from tqdm.std import tqdm
+
+    return tqdm, sys.__stderr__
+
+
+class Ticker:
+    """A thread beside the scheduling loop: draws the bar again every TICK_S, and prints a
+    snapshot of the sweep when Enter is pressed in the terminal of the run."""
+
+    def __init__(self, bar: Any, stream: Any, snapshot: Callable[[], list[str]]) -> None:
+        self.bar = bar
+        self.stream = stream
+        self.snapshot = snapshot
+        self.ended = threading.Event()
+        self.stdin = _terminal_stdin()
+        self.wake: tuple[int, int] | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.bar.disable and self.stdin is None:
+            return  # nothing to draw, no key to hear
+        if self.stdin is not None:
+            # Written to by stop(): the thread returns at once rather than at its next tick.
+            self.wake = os.pipe()
+        self.thread = threading.Thread(target=self._run, name="resweep-ticker", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.bar.get_lock():
+            self.ended.set()  # under the bar's lock: nothing is drawn once stop() returned
+        if self.wake is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.wake[1], b"x")
+        if self.thread is not None:
+            self.thread.join(timeout=2 * TICK_S)
+        if self.wake is not None:
+            for fd in self.wake:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.wake = None
+
+    def _run(self) -> None:
+        while not self.ended.is_set():
+            fd = self.stdin
+            if fd is not None and self.wake is not None and _in_foreground(fd):
+                try:
+                    ready, _, _ = select.select([fd, self.wake[0]], [], [], TICK_S)
+                except (OSError, ValueError):
+                    ready, self.stdin = [], None
+                if fd in ready and not self.ended.is_set():
+                    self._read(fd)
+            else:
+                self.ended.wait(TICK_S)
+            with self.bar.get_lock():
+                if not self.ended.is_set() and not self.bar.disable:
+                    with contextlib.suppress(Exception):
+                        self.bar.refresh(nolock=True)
+
+    def _read(self, fd: int) -> None:
+        try:
+            typed = os.read(fd, 4096)
+        except OSError:
+            typed = b""
+        if not typed:
+            self.stdin = None  # end of input (Ctrl-D): nothing more to hear
+            return
+        if b"\n" not in typed and b"\r" not in typed:
+            return
+        try:
+            lines = self.snapshot()
+        except Exception as error:  # a snapshot must never stop the run
+            lines = [f"resweep: no snapshot now ({type(error).__name__}: {error})"]
+        with self.bar.get_lock():
+            if self.ended.is_set():
+                return
+            if not self.bar.disable and _isatty(self.stream):
+                # The echoed Enter moved the cursor below the bar: write over the bar's old line.
+                self.stream.write("\x1b[A\r\x1b[J")
+            self.bar.write("\n".join(lines), file=self.stream)
+
+
+def _terminal_stdin() -> int | None:
+    """stdin's file descriptor when it is a terminal, else None: a closed or piped stdin is
+    never read."""
+    try:
+        stdin = sys.stdin
+        if stdin is None or not stdin.isatty():
+            return None
+        fd: int = stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    return fd
+
+
+def _in_foreground(fd: int) -> bool:
+    """Whether this process may read the terminal: a background job that reads it is stopped."""
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 class Scheduler:
@@ -229,7 +371,9 @@ class Scheduler:
         self.writer = writer
         self.pool = pool
         self.retries = retries
-        self.stop = Stop(raise_on_hard=pool.inline, on_first=self._stop_starting)
+        # Above the bar, if there is one; else on a line of its own, below the terminal's ^C.
+        say = self.say if progress else None
+        self.stop = Stop(raise_on_hard=pool.inline, on_first=self._stop_starting, say=say)
         self.mean_config_s: float | None = None
         self.executed = 0
         self.cache_hits = 0
@@ -242,15 +386,22 @@ class Scheduler:
         self.compaction_s = 0.0
         self.last_sync = 0.0
         self.unsynced = False
-        self.bar = progress_bar()(
+        # Failed attempts that went back to the queue (Experiment.retries).
+        self.retried = 0
+        # What the pool last said it waits for, said once.
+        self.waiting: str | None = None
+        bar, self.stream = progress_bar()
+        # The bar counts configs this run finishes, done or failed for good: a retry adds nothing.
+        self.bar = bar(
             total=len(tasks),
             disable=not progress,
             unit="config",
             dynamic_ncols=True,
-            file=sys.__stderr__,
+            file=self.stream,
             smoothing=0.05,
         )
         self._postfix()
+        self.ticker = Ticker(self.bar, self.stream, self._snapshot)
 
     def _stop_starting(self) -> int:
         """The first Ctrl-C: workers start no further config; how many configs still run."""
@@ -261,7 +412,35 @@ class Scheduler:
         return len(executing & self.in_flight.keys())
 
     def _postfix(self) -> None:
-        self.bar.set_postfix_str(f"done={self.done} failed={self.failed}", refresh=False)
+        retried = f" retries={self.retried}" if self.retried else ""
+        self.bar.set_postfix_str(f"done={self.done} failed={self.failed}{retried}", refresh=False)
+
+    def _show(self) -> None:
+        """Draw the bar with the counts as they are: n is done + failed, as the postfix says."""
+        self._postfix()
+        finished = self.done + self.failed
+        if finished != self.bar.n:
+            self.bar.update(finished - self.bar.n)
+
+    def say(self, message: str) -> None:
+        """A line for the user above the bar, which stays whole below it."""
+        self.bar.write(message, file=self.stream)
+
+    def _snapshot(self) -> list[str]:
+        """What `status --watch` shows, for Enter in the terminal of the run."""
+        import shutil
+
+        size = shutil.get_terminal_size()
+        report = status.status_report(self.writer.store, self.job.fingerprint)
+        return status.snapshot_lines(report, width=size.columns, height=max(5, size.lines - 2))
+
+    def _notice_waiting(self) -> None:
+        """Say once what the pool waits for (a cluster with no worker), and again if it changes."""
+        waiting = getattr(self.pool, "waiting", None)
+        message = waiting() if waiting is not None else None
+        if message is not None and message != self.waiting:
+            self.say(f"resweep: {message}")
+        self.waiting = message
 
     def _start(self, batch: list[Task]) -> None:
         """Record a batch as running before any of it can run."""
@@ -320,7 +499,7 @@ class Scheduler:
             task.failures += 1
             fields["status"] = "todo"
             self.pending.append(task)
-            self.bar.total += 1
+            self.retried += 1
         else:
             fields["status"] = "failed"
             self.failed += 1
@@ -357,8 +536,7 @@ class Scheduler:
             ran = [o.duration_s for o in outcomes if o.started and o.fault is None]
             if ran:
                 self._learn(ran)
-                self.bar.update(len(ran))
-            self._postfix()
+            self._show()
 
     def _settle_lost(self, returned: Returned) -> None:
         for task, fields in returned.done:
@@ -367,11 +545,9 @@ class Scheduler:
             self._ended(task.name, task.attempt, None)
             self.executed += 1
             self.done += 1
-            self.bar.update(1)
         for task, reason in returned.failed:
             self.in_flight.pop(task.name, None)
             self.executed += 1
-            self.bar.update(1)
             self._finish(task, {"error": reason, "end_time": now_iso()}, ok=False)
         for task, fields in reversed(returned.again):
             self.in_flight.pop(task.name, None)
@@ -466,6 +642,7 @@ class Scheduler:
         ended = False  # the loop ran out of work, with no exception on its way out
         with self.stop.installed():
             try:
+                self.ticker.start()
                 while not self.stop.hard:
                     self._dispatch()
                     if not self.pool.out():
@@ -480,6 +657,7 @@ class Scheduler:
                         break
                     if returned:
                         self.absorb(returned)
+                    self._notice_waiting()
                     if self.unsynced:
                         self._commit()
                     self.fire_hooks(synced=not self.unsynced)
@@ -493,6 +671,7 @@ class Scheduler:
                 # so that nothing finishes after it was recorded as todo.
                 self.pool.stop(kill=bool(self.pool.out() or self.in_flight) or self.stop.hard)
                 self.pool.close(finished=ended and self._finished_cleanly())
+                self.ticker.stop()
                 self.bar.close()
                 self._settle_in_flight()
         if self.fault is not None:
@@ -578,11 +757,15 @@ def _run_experiment(experiment: Declared, options: RunOptions, hooks: Hooks) -> 
                 counts = store.finished_counts(finished)
                 if counts is not None and not (options.retry_failed and counts["failed"]):
                     # The sweep this state finished is unchanged: nothing to name, read or run.
+                    from resweep.summary import SUMMARY_FILE
+
+                    summary_path = store.root / SUMMARY_FILE
                     report = RunReport(
                         done=counts["done"],
                         failed=counts["failed"],
                         todo=counts["todo"] + counts["running"],
                         interrupted=0,
+                        summary=str(summary_path) if summary_path.exists() else None,
                     )
                     _end_hooks(hooks, store, report)
                     return report
@@ -648,9 +831,10 @@ def _run_locked(
     counts = state.counts()
     from resweep import summary
 
-    summary_missing = not (store.root / summary.SUMMARY_FILE).exists()
-    if counts["done"] == len(state.configs) and (scheduler is not None or summary_missing):
-        summary.save_summary(store, force=True, state=state)
+    summary_path = store.root / summary.SUMMARY_FILE
+    all_done = counts["done"] == len(state.configs)
+    if all_done and (scheduler is not None or not summary_path.exists()):
+        summary_path = summary.save_summary(store, force=True, state=state)
     if not (counts["todo"] or counts["running"]):
         key = finished
         if key is None:
@@ -675,6 +859,7 @@ def _run_locked(
         cache_hits=scheduler.cache_hits if scheduler is not None else 0,
         cache_misses=scheduler.cache_misses if scheduler is not None else 0,
         signal=stop.signal_name if stop is not None and stop.requested else None,
+        summary=str(summary_path) if all_done else None,
     )
 
 

@@ -79,6 +79,10 @@ class Pool(Protocol):
     def close(self, *, finished: bool) -> None:
         """Let go of the pool's resources; finished: every config ran and was recorded."""
 
+    # Optional, and asked about every POLL_S: `def waiting(self) -> str | None`, what keeps
+    # configs from starting when it is nothing the user can see (a cluster with no worker). The
+    # scheduler says it once above the bar.
+
 
 def batch_size(mean_config_s: float | None, per_config_s: float, pending: int, workers: int) -> int:
     """Configs per batch: about TARGET_BATCH_S of work, a quarter of the rest per worker at most."""

@@ -54,6 +54,8 @@ CONNECT_TIMEOUT_S = 20.0
 CLUSTER_SIZE_EVERY_S = 2.0
 # How long closing the client and a local cluster may take at the end of a run.
 CLOSE_TIMEOUT_S = 10.0
+# How long configs may wait on a cluster without a single worker before the run says so.
+NO_WORKERS_NOTICE_S = 5.0
 
 
 # -- coordinator side ----------------------------------------------------------------------
@@ -105,6 +107,8 @@ class DaskPool:
         self._probe: Path | None = None
         self.queue_dropped = False
         self._closed = False
+        # Since when configs are out on a cluster that has no worker (monotonic), or None.
+        self._no_workers_since: float | None = None
 
     def _connect(self) -> None:
         """Connect to the scheduler at address, or start a local cluster of max_workers processes."""
@@ -158,12 +162,14 @@ class DaskPool:
         key, configs, worker = event[1]
         if key not in self._live:
             return
-        for name, attempt in configs:
-            self.heard.add((str(name), int(attempt)))
+        heard = [(str(name), int(attempt)) for name, attempt in configs]
+        self.heard.update(heard)
         if self.job is not None:
-            # On disk too: if this coordinator dies, the next run knows these attempts happened.
+            # On disk too: if this coordinator dies, the next run knows these attempts happened,
+            # and `status` shows them running since the time the scheduler logged the start.
+            when = event[0] if isinstance(event[0], float) else time.time()
             with contextlib.suppress(OSError):
-                note_started(Path(self.job.output_dir, WORKERS_DIR), [str(n) for n, _ in configs])
+                note_started(Path(self.job.output_dir, WORKERS_DIR), heard, when)
         name, attempt = configs[-1]
         self.started[str(key)] = (str(name), int(attempt), str(worker), time.monotonic())
 
@@ -288,6 +294,24 @@ class DaskPool:
                 size = sum(self.client.nthreads().values())
             self._size = (size, now)
         return size
+
+    def waiting(self) -> str | None:
+        """What the run waits for: a cluster that has had no worker for NO_WORKERS_NOTICE_S."""
+        if not self.futures or self.slots() > 0:
+            self._no_workers_since = None
+            return None
+        now = time.monotonic()
+        if self._no_workers_since is None:
+            self._no_workers_since = now
+        if now - self._no_workers_since < NO_WORKERS_NOTICE_S:
+            return None
+        address = self.address
+        with contextlib.suppress(Exception):
+            address = str(self.client.scheduler.address)
+        return (
+            f"waiting for workers on {address}: the cluster has none; start one "
+            f"(`dask worker {address}`) or press Ctrl-C"
+        )
 
     def _outcomes(
         self, future: Future[Any], batch: list[Task]

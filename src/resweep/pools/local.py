@@ -24,6 +24,7 @@ from resweep.files import (
     clear_markers,
     read_markers,
     request_stop,
+    thread_marker_name,
 )
 from resweep.pools.base import PoolStopped, Returned, batch_size, timeout_reason
 from resweep.processes import kill_tree
@@ -103,10 +104,21 @@ def _prepare(payload: tuple[str, Any]) -> Job:
 
 
 class _ThreadMarks:
-    """In-process backends: which config each thread runs now (the markers of a thread pool)."""
+    """In-process backends: which config each thread runs now (the markers of a thread pool).
+
+    With a directory, each thread also keeps a marker file there, as worker processes do, so
+    that `status` in another process sees what runs now and since when.
+    """
 
     def __init__(self) -> None:
         self._running: dict[int, str] = {}
+        self._directory: str | None = None
+        self._files: dict[int, Marker] = {}
+        self._lock = threading.Lock()
+
+    def open(self, directory: str) -> None:
+        self.close()
+        self._directory = directory
 
     def mark(self, name: str) -> None:
         ident = threading.get_ident()
@@ -114,9 +126,26 @@ class _ThreadMarks:
             self._running[ident] = name
         else:
             self._running.pop(ident, None)
+        if self._directory is not None:
+            marker = self._files.get(ident)
+            if marker is None:
+                with self._lock, contextlib.suppress(OSError):
+                    file_name = thread_marker_name(os.getpid(), ident)
+                    marker = Marker(self._directory, file_name, locked=False)
+                    self._files[ident] = marker
+            if marker is not None:
+                with contextlib.suppress(OSError):
+                    marker.mark(name)
 
     def names(self) -> set[str]:
         return set(self._running.values())
+
+    def close(self) -> None:
+        with self._lock:
+            for marker in self._files.values():
+                marker.close()
+            self._files.clear()
+            self._directory = None
 
 
 _thread_marks = _ThreadMarks()
@@ -257,6 +286,11 @@ class LocalPool:
             self.payload = (job.token, pickle_job(job))
         else:
             self.payload = (job.token, job)
+            # Not self.markers_dir: a thread's marker names this process, which no timeout kills.
+            threads_dir = Path(job.output_dir, WORKERS_DIR)
+            with contextlib.suppress(OSError):
+                threads_dir.mkdir(exist_ok=True)
+                _thread_marks.open(str(threads_dir))
         if self._executor is None:
             self._executor = executor(self.backend, self.n_workers)
 
@@ -372,6 +406,8 @@ class LocalPool:
         return set(read_markers(self.markers_dir))
 
     def close(self, *, finished: bool) -> None:
+        if not self.processes:
+            _thread_marks.close()
         released = _released_pools.get()
         if finished and released is not None and self.processes and self._executor is not None:
             # The process ends with this run: the workers exit while the state and the
