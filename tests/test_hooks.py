@@ -219,6 +219,36 @@ def test_hook_without_fail_fast_is_logged_once_and_the_run_goes_on(
     assert "raised 2 more times in on_config_end" in messages[1]
 
 
+def test_a_hook_raising_in_on_error_is_logged_truly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hook that raises in on_error (fail_fast on) is logged as raising while the run was
+    already stopping, not as a run that goes on; the run's own error is what ends it."""
+
+    def clumsy(event: str, context: resweep.HookContext, payload: Any = None) -> None:
+        if event == "on_error":
+            raise OSError("cannot reach the chat server")
+
+    def broken_setup() -> None:
+        raise RuntimeError("no GPU")
+
+    experiment = resweep.Experiment(
+        function=flaky,
+        configs=[{"i": 0}],
+        output_dir=tmp_path / "out",
+        setup=resweep.WorkerSetup(common=broken_setup),
+        hooks=[clumsy],
+    )
+    with caplog.at_level(logging.WARNING, logger="resweep.hooks"):
+        with pytest.raises(RuntimeError, match="no GPU"):
+            experiment.run(backend="sequential", progress=False)
+    messages = [r.getMessage() for r in caplog.records if r.name == "resweep.hooks"]
+    assert len(messages) == 1, messages
+    assert "raised in on_error" in messages[0] and "cannot reach the chat server" in messages[0]
+    assert "the run was already stopping" in messages[0]
+    assert "goes on" not in messages[0] and "fail_fast is off" not in messages[0]
+
+
 def test_on_error_hears_of_a_run_that_could_not_start(tmp_path: Path) -> None:
     """on_error fires for a failure before the first config: a lock held by another run, a
     set-up that raises; on_run_start and on_run_end never do."""

@@ -234,6 +234,8 @@ class Hooks:
         self.run_started = False
         self.ended = False
         self._repeats: Counter[tuple[str, str]] = Counter()
+        # Set while on_error fires: fail_fast has nothing left to stop.
+        self._in_error = False
 
     def __bool__(self) -> bool:
         return bool(self.hooks)
@@ -287,11 +289,12 @@ class Hooks:
         if self.ended:
             return
         self.ended = True
-        fail_fast, self.fail_fast = self.fail_fast, False
+        # The run is ending by an error already: a hook raising now can only be logged.
+        self._in_error = True
         try:
             self.fire("on_error", error)
         finally:
-            self.fail_fast = fail_fast
+            self._in_error = False
         self._report_repeats()
 
     def _raised(self, hook: Hook, event: str, context: HookContext, error: Exception) -> None:
@@ -302,7 +305,7 @@ class Hooks:
             where += f", session {self.session}"
         text = str(error).strip().splitlines()
         line = f"{where}: {type(error).__name__}" + (f": {text[0]}" if text else "")
-        if self.fail_fast:
+        if self.fail_fast and not self._in_error:
             if self.failure is None:
                 stopped = (
                     "the replay stopped (hooks fail_fast is on)"
@@ -318,7 +321,10 @@ class Hooks:
         key = (hook.id, event)
         self._repeats[key] += 1
         if self._repeats[key] == 1:
-            log.warning("%s; the run goes on (hooks fail_fast is off)", line)
+            if self._in_error:
+                log.warning("%s; the run was already stopping", line)
+            else:
+                log.warning("%s; the run goes on (hooks fail_fast is off)", line)
 
     def _report_repeats(self) -> None:
         for (hook_id, event), count in self._repeats.items():
