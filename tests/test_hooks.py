@@ -489,6 +489,12 @@ def test_hooks_write_artifacts_atomically_under_their_own_directory(tmp_path: Pa
             )
             with pytest.raises(ResweepError, match=r"'\.\.'"):
                 context.artifacts.write_json("../escape.json", {})
+            with pytest.raises(
+                ResweepError,
+                match=r"'/etc/x' is an absolute path; give a path relative to the hook's "
+                r"directory \(.*/out/hooks/audit\)",
+            ):
+                context.artifacts.write_json("/etc/x", {})
 
     resweep.register_hook("audit", Audit)
     experiment = resweep.Experiment(
