@@ -451,6 +451,27 @@ def test_a_sweep_file_declares_hooks_and_extensions(tmp_path: Path) -> None:
         strict.run(backend="sequential", progress=False)
 
 
+def test_a_slice_of_a_sweep_file_keeps_its_hooks(tmp_path: Path) -> None:
+    """load_configs(...)[:1] is a shorter sweep with the same hooks and extensions, not a
+    plain list that silently drops them; one config is still a config."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(SWEEP)
+    configs = resweep.load_configs(sweep)
+    first = configs[:1]
+    assert first == [{"model": "a", "lr": 0.1}]
+    assert configs[0] == {"model": "a", "lr": 0.1}
+    assert configs[::-1] == [{"model": "a", "lr": 0.01}, {"model": "a", "lr": 0.1}]
+    heard_from_sweep.clear()
+    experiment = resweep.Experiment(
+        function=lambda c: {"ok": 1}, configs=first, output_dir=tmp_path / "out"
+    )
+    assert experiment.run(backend="sequential", progress=False).done == 1
+    assert [e for e, _, _ in heard_from_sweep] == [
+        "on_run_start", "on_config_start", "on_config_end", "on_run_end",
+    ]  # fmt: skip
+    assert heard_from_sweep[0][2] == {"notify": {"channel": "#ml"}}
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
