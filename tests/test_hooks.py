@@ -239,9 +239,11 @@ def test_a_hook_raising_in_on_error_is_logged_truly(
         setup=resweep.WorkerSetup(common=broken_setup),
         hooks=[clumsy],
     )
-    with caplog.at_level(logging.WARNING, logger="resweep.hooks"):
-        with pytest.raises(RuntimeError, match="no GPU"):
-            experiment.run(backend="sequential", progress=False)
+    with (
+        caplog.at_level(logging.WARNING, logger="resweep.hooks"),
+        pytest.raises(RuntimeError, match="no GPU"),
+    ):
+        experiment.run(backend="sequential", progress=False)
     messages = [r.getMessage() for r in caplog.records if r.name == "resweep.hooks"]
     assert len(messages) == 1, messages
     assert "raised in on_error" in messages[0] and "cannot reach the chat server" in messages[0]
