@@ -26,7 +26,7 @@ SIDE = os.path.dirname(os.path.abspath(__file__))
 
 def work(config):
     i = config["i"]
-    if i == 2:
+    if i == 2 and not os.environ.get("FIXED"):
         raise ValueError("two is broken")
     if i == 4 and os.environ.get("HANG"):
         open(os.path.join(SIDE, "started4"), "w").close()
@@ -106,6 +106,7 @@ def check_runs(tmp_path: Path, env: dict[str, str]) -> list[Any]:
             assert run.info.status == "FINISHED"
             assert run.data.metrics == {"score": i / 10, "nested.n": float(i)}
             assert run.data.tags["resweep.fingerprint"] == record["fingerprint"]
+            assert "resweep.error" not in run.data.tags
         else:
             assert run.info.status == "FAILED"
             assert run.data.tags["resweep.error"] == "ValueError: two is broken"
@@ -130,6 +131,26 @@ def test_each_finished_config_is_one_nested_mlflow_run(
     children = check_runs(tmp_path, env)
     (failed,) = [r for r in children if r.data.tags["resweep.status"] == "failed"]
     assert failed.data.tags["resweep.attempts"] == "2"
+
+
+def test_a_failed_config_that_later_succeeds_loses_its_error_tag(
+    tmp_path: Path, write_script: Any, env: dict[str, str]
+) -> None:
+    """A config that failed, then succeeds with --retry-failed: its one MLflow run is FINISHED
+    and no longer carries the error of the attempt before."""
+    script = write_script(SCRIPT)
+    assert run_script(script, "run", "--backend", "sequential", env=env).returncode == 1
+    (failed,) = [r for r in check_runs(tmp_path, env) if r.info.status == "FAILED"]
+    assert failed.data.tags["resweep.error"] == "ValueError: two is broken"
+
+    fixed = {**env, "FIXED": "1"}
+    retried = run_script(script, "run", "--backend", "sequential", "--retry-failed", env=fixed)
+    assert retried.returncode == 0, retried.stderr
+    children = check_runs(tmp_path, env)
+    (again,) = [r for r in children if r.data.tags["resweep.config"] == "i=2,opt.lr=0.1"]
+    assert again.info.run_id == failed.info.run_id
+    assert again.info.status == "FINISHED"
+    assert again.data.tags["resweep.attempts"] == "2"
 
 
 def test_a_killed_and_resumed_sweep_logs_every_config_once(

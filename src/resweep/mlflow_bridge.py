@@ -77,6 +77,8 @@ class MlflowHook:
         self.output_dir = ""
         # Config name -> (run id, its resweep.attempts and resweep.status tags, MLflow status).
         self.runs: dict[str, tuple[str, str, str, str]] = {}
+        # Configs whose run holds a resweep.error tag: a later success deletes it.
+        self.errors: set[str] = set()
 
     # -- hook events -----------------------------------------------------------------------
 
@@ -174,6 +176,8 @@ class MlflowHook:
             tags = run.data.tags
             name = tags.get(TAG_CONFIG)
             if name is not None and name not in runs:
+                if TAG_ERROR in tags:
+                    self.errors.add(name)
                 runs[name] = (
                     run.info.run_id,
                     tags.get(TAG_ATTEMPTS, ""),
@@ -237,6 +241,12 @@ class MlflowHook:
         metrics = self._metrics(metrics_of(record.get("result")), record.get("end_time"))
         for i in range(0, len(metrics), BATCH):
             self.client.log_batch(run_id, metrics=metrics[i : i + BATCH])
+        if TAG_ERROR in tags:
+            self.errors.add(name)
+        elif name in self.errors:
+            # The error of an attempt before this one: a retried config that now succeeds.
+            self.client.delete_tag(run_id, TAG_ERROR)
+            self.errors.discard(name)
         self.client.set_terminated(
             run_id, status=mlflow_status, end_time=_millis(record.get("end_time"))
         )
