@@ -36,6 +36,23 @@ def work(config):
     return {"score": i / 10, "nested": {"n": i}, "label": "text", "flag": True}
 
 
+if os.environ.get("HANG_TAG"):
+    # The file store writes a new run's tags one by one: hang before one until killed.
+    from mlflow.store.tracking.file_store import FileStore
+
+    set_tag = FileStore.set_tag
+
+    def slow_set_tag(self, run_id, tag):
+        if tag.key == os.environ["HANG_TAG"]:
+            open(os.path.join(SIDE, "tagging"), "w").close()
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # until the test kills the run
+                time.sleep(0.05)
+        return set_tag(self, run_id, tag)
+
+    FileStore.set_tag = slow_set_tag
+
+
 experiment = resweep.Experiment(
     function=work,
     configs=[{"i": i, "opt": {"lr": 0.1}} for i in range(6)],
@@ -182,6 +199,50 @@ def test_a_killed_and_resumed_sweep_logs_every_config_once(
 
     resumed = run_script(script, "run", env=env)
     assert resumed.returncode == 1, resumed.stderr
+    check_runs(tmp_path, env)
+
+
+def kill_when(proc: subprocess.Popen[bytes], marker: Path) -> None:
+    """SIGKILL proc once marker exists."""
+    try:
+        deadline = time.monotonic() + 90
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert marker.exists(), proc.stderr.read() if proc.stderr else ""
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+        if proc.stderr:
+            proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("tag", ["mlflow.parentRunId", "resweep.config", "resweep.attempts"])
+def test_a_run_killed_while_the_bridge_makes_a_config_run_leaves_no_duplicate(
+    tmp_path: Path, write_script: Any, env: dict[str, str], tag: str
+) -> None:
+    """SIGKILL the run while MLflow writes the tags of a config's new run one by one: the
+    resumed run deletes the half-made run and logs the config again, once."""
+    script = write_script(SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "run", "--backend", "sequential", "--noprogress"],
+        cwd=tmp_path,
+        env={**os.environ, **env, "HANG_TAG": tag},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    kill_when(proc, tmp_path / "tagging")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("bridge")
+    assert len(client.search_runs([experiment.experiment_id])) == 2  # the parent, one half-made
+
+    resumed = run_script(script, "run", "--backend", "sequential", env=env)
+    assert resumed.returncode == 1, resumed.stderr
+    check_runs(tmp_path, env)
+    again = run_script(script, "run", "--backend", "sequential", env=env)
+    assert again.returncode == 1, again.stderr
     check_runs(tmp_path, env)
 
 

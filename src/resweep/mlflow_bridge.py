@@ -171,19 +171,42 @@ class MlflowHook:
         return str(run.info.run_id)
 
     def _children(self) -> dict[str, tuple[str, str, str, str]]:
-        runs: dict[str, tuple[str, str, str, str]] = {}
+        """Each config's one run; runs a killed bridge left half-made, or twice, are deleted.
+
+        A store may write a new run's tags one at a time (the file store does): a kill while the
+        bridge creates a run leaves it RUNNING with only its first tags. Those go first, the
+        output directory's and the parent's, so such a run is still known as this directory's;
+        it is deleted here and its config logged again.
+        """
+        found: dict[str, Any] = {}
+        for run in self._search(f"tags.`{TAG_DIR}` = {_quoted(self.output_dir)}"):
+            found[run.info.run_id] = run
         for run in self._search(f"tags.`mlflow.parentRunId` = {_quoted(str(self.parent_id))}"):
+            found[run.info.run_id] = run
+        runs: dict[str, tuple[str, str, str, str]] = {}
+        for run in sorted(found.values(), key=lambda r: (r.info.start_time or 0, r.info.run_id)):
             tags = run.data.tags
+            if run.info.run_id == self.parent_id or tags.get(TAG_ROLE) == "experiment":
+                continue
             name = tags.get(TAG_CONFIG)
-            if name is not None and name not in runs:
-                if TAG_ERROR in tags:
-                    self.errors.add(name)
-                runs[name] = (
-                    run.info.run_id,
-                    tags.get(TAG_ATTEMPTS, ""),
-                    tags.get(TAG_STATUS, ""),
-                    run.info.status,
-                )
+            whole = (
+                name is not None
+                and tags.get("mlflow.parentRunId") == self.parent_id
+                and TAG_ATTEMPTS in tags
+                and run.info.status in ("FINISHED", "FAILED")
+            )
+            if not whole or name in runs:
+                self.client.delete_run(run.info.run_id)
+                continue
+            assert name is not None
+            if TAG_ERROR in tags:
+                self.errors.add(name)
+            runs[name] = (
+                run.info.run_id,
+                tags.get(TAG_ATTEMPTS, ""),
+                tags.get(TAG_STATUS, ""),
+                run.info.status,
+            )
         return runs
 
     def _catch_up(self, context: HookContext) -> None:
@@ -207,12 +230,14 @@ class MlflowHook:
         known = self.runs.get(name)
         if known is not None and known[1:] == (attempts, status, mlflow_status):
             return  # logged already, this very attempt
+        # In this order: a store that writes tags one at a time writes the ones that tie the
+        # run to this directory first, then its config; a run cut short is found and redone.
         tags = {
+            TAG_DIR: self.output_dir,
+            "mlflow.parentRunId": str(self.parent_id),
             TAG_CONFIG: name,
             TAG_STATUS: status,
             TAG_ATTEMPTS: attempts,
-            TAG_DIR: self.output_dir,
-            "mlflow.parentRunId": str(self.parent_id),
             "mlflow.runName": name,
         }
         if record.get("session"):
@@ -222,7 +247,7 @@ class MlflowHook:
         if status == "failed" and record.get("error"):
             tags[TAG_ERROR] = str(record["error"])[:MAX_TAG_CHARS]
         if known is None:
-            # Tagged as it is made: a kill right after still leaves it findable by its config.
+            # Tagged as it is made: a kill during or right after leaves it findable (_children).
             run = self.client.create_run(
                 self.experiment_id, start_time=_millis(record.get("start_time")), tags=tags
             )
