@@ -202,6 +202,35 @@ def test_a_killed_and_resumed_sweep_logs_every_config_once(
     check_runs(tmp_path, env)
 
 
+def test_no_tracking_store_mlflow_skinny_can_open_is_one_clear_line(
+    tmp_path: Path, write_script: Any, env: dict[str, str]
+) -> None:
+    """With MLFLOW_TRACKING_URI unset, MLflow 3 picks a SQLite store that mlflow-skinny (no
+    SQLAlchemy) cannot open: the run is refused at its start, exit 2, with one line saying
+    what to set, and no config runs."""
+    script = write_script(SCRIPT)
+    skinny = tmp_path / "skinny"
+    skinny.mkdir()
+    # As in an install of mlflow-skinny: SQLAlchemy cannot be imported.
+    (skinny / "sitecustomize.py").write_text("import sys\nsys.modules['sqlalchemy'] = None\n")
+    unset = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(
+        [sys.executable, str(script), "run", "--backend", "sequential"],
+        cwd=tmp_path,
+        env={**unset, "PYTHONPATH": os.pathsep.join([str(skinny), env["PYTHONPATH"]])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: the mlflow hook: MLFLOW_TRACKING_URI is not set"), line
+    assert "sqlite" in line and "set MLFLOW_TRACKING_URI" in line
+    assert "MLFLOW_ALLOW_FILE_STORE=true" in line
+    assert state(tmp_path)["configs"]["i=0,opt.lr=0.1"]["status"] == "todo"
+
+
 def kill_when(proc: subprocess.Popen[bytes], marker: Path) -> None:
     """SIGKILL proc once marker exists."""
     try:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from resweep import plugins
 from resweep.artifacts import ArtifactWriter
-from resweep.errors import ConfigError, HookError, ResweepError
+from resweep.errors import ConfigError, HookError, PluginError, ResweepError
 
 Event = Literal["on_run_start", "on_config_start", "on_config_end", "on_run_end", "on_error"]
 EVENTS: tuple[Event, ...] = (
@@ -206,7 +206,8 @@ class Hooks:
 
     fire() never raises a hook's exception: with fail_fast the first one becomes `failure`,
     which the run checks to stop; without, each is logged (the first of each hook and event in
-    full, the rest counted and reported when the run ends).
+    full, the rest counted and reported when the run ends). The one exception is a PluginError
+    from on_run_start: a hook that cannot work in this setup refuses the run as bad input does.
     """
 
     def __init__(
@@ -269,6 +270,8 @@ class Hooks:
                 else:
                     handler(context, payload)
             except Exception as error:
+                if isinstance(error, PluginError) and event == "on_run_start":
+                    raise  # a hook that cannot work here (no store, say): a bad setup, exit 2
                 self._raised(hook, event, context, error)
 
     def run_start(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +44,44 @@ def _millis(timestamp: str | None) -> int | None:
 
 def _quoted(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# Stores MLflow keeps in a database through SQLAlchemy, which mlflow-skinny does not install.
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+SET_A_STORE = (
+    "set MLFLOW_TRACKING_URI to a tracking server (http://host:5000), or to a directory "
+    "(file:///path/mlruns, with MLFLOW_ALLOW_FILE_STORE=true), or give extensions: "
+    "{mlflow: {tracking_uri: ...}}"
+)
+
+
+def _open_client(client_class: Any, tracking_uri: str | None) -> Any:
+    """An MlflowClient on the store the settings or MLflow choose; one that cannot be opened
+    refuses the run at its start (exit 2) with what to set, not MLflow's traceback."""
+    import importlib.util
+
+    import mlflow
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    where = (
+        f"MLflow's tracking URI is {uri!r}"
+        if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        else f"MLFLOW_TRACKING_URI is not set, so MLflow chose {uri!r}"
+    )
+    scheme = str(uri).partition(":")[0].partition("+")[0].lower()
+    if scheme in DATABASE_SCHEMES and importlib.util.find_spec("sqlalchemy") is None:
+        raise PluginError(
+            f"the mlflow hook: {where}, a database store that needs SQLAlchemy, which "
+            f"mlflow-skinny lacks; {SET_A_STORE}"
+        )
+    try:
+        return client_class(tracking_uri=tracking_uri)
+    except Exception as error:
+        lines = str(error).strip().splitlines()
+        raise PluginError(
+            f"the mlflow hook cannot open its tracking store: {where} "
+            f"({type(error).__name__}{': ' + lines[0] if lines else ''}); {SET_A_STORE}"
+        ) from None
 
 
 def metrics_of(result: Any) -> dict[str, float]:
@@ -89,7 +128,7 @@ class MlflowHook:
 
         settings = context.settings
         self.output_dir = str(context.output_dir)
-        self.client = MlflowClient(tracking_uri=settings.get("tracking_uri"))
+        self.client = _open_client(MlflowClient, settings.get("tracking_uri"))
         name = str(settings.get("experiment_name") or context.experiment or context.output_dir.name)
         found = self.client.get_experiment_by_name(name)
         self.experiment_id = (
