@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -393,6 +394,88 @@ def test_fail_fast_with_configs_in_flight(tmp_path: Path, write_script: Any, bac
     assert not [line for line in heard if line.startswith("on_config_start i=") and
                 int(line.rsplit("=", 1)[1]) >= 2]  # fmt: skip
     assert heard[-1] == "on_run_end None"
+
+
+def quick(config: dict[str, int]) -> dict[str, int]:
+    time.sleep(0.01)  # fast enough that the Dask pool sends configs in batches
+    return {"i": config["i"]}
+
+
+def test_a_hook_that_stops_a_dask_run_hears_only_configs_that_ran(tmp_path: Path) -> None:
+    """On Dask, configs travel in batches; a hook that stops the run (fail_fast) while a batch
+    runs hears on_config_start only for configs that really started, each with its
+    on_config_end, never for the rest of the batch, which stays todo with no attempt used."""
+    pytest.importorskip("distributed")
+    starts: list[str] = []
+    ends: list[str] = []
+
+    class Picky:
+        def on_config_start(self, context: resweep.HookContext) -> None:
+            assert context.config is not None
+            starts.append(context.config)
+
+        def on_config_end(
+            self, context: resweep.HookContext, outcome: resweep.ConfigOutcome
+        ) -> None:
+            ends.append(outcome.name)
+            # Raise while several configs are heard started: a batch is out, or at the 60th end.
+            if len(set(starts) - set(ends)) >= 3 or len(ends) == 60:
+                raise RuntimeError("stop the sweep")
+
+    experiment = resweep.Experiment(
+        function=quick,
+        configs=[{"i": i} for i in range(400)],
+        output_dir=tmp_path / "out",
+        hooks=[Picky()],
+    )
+    with pytest.raises(HookError, match="stop the sweep"):
+        experiment.run(1, backend="dask", progress=False)
+    configs = experiment.read_state().configs
+    assert len(starts) == len(set(starts)) and sorted(starts) == sorted(ends)
+    assert all(configs[name]["attempts"] == 1 for name in starts)
+    assert {configs[name]["status"] for name in starts} == {"done"}
+    assert all(r["attempts"] == 0 for n, r in configs.items() if n not in set(starts))
+    assert len(starts) < 400
+
+
+def first_fails(config: dict[str, int], ctx: resweep.Context) -> dict[str, int]:
+    time.sleep(0.05)  # slow enough that the Dask pool sends each config alone
+    if config["i"] == 0 and ctx.attempt == 1:
+        raise ValueError("first attempt")
+    return {"i": config["i"]}
+
+
+def test_a_dask_retry_is_heard_to_start_only_when_it_starts(tmp_path: Path) -> None:
+    """On Dask, a retried config queued behind others is not said to start while it waits: a
+    hook that stops the run when it hears the retry start also hears it end."""
+    pytest.importorskip("distributed")
+    heard: list[tuple[str, str | None, int | None]] = []
+
+    class StopAtRetry:
+        def on_config_start(self, context: resweep.HookContext) -> None:
+            heard.append(("start", context.config, context.attempt))
+            if context.attempt == 2:
+                raise RuntimeError("stop at the retry")
+
+        def on_config_end(
+            self, context: resweep.HookContext, outcome: resweep.ConfigOutcome
+        ) -> None:
+            heard.append(("end", outcome.name, outcome.attempt))
+
+    experiment = resweep.Experiment(
+        function=first_fails,
+        configs=[{"i": i} for i in range(20)],
+        output_dir=tmp_path / "out",
+        retries=1,
+        hooks=[StopAtRetry()],
+    )
+    with pytest.raises(HookError, match="stop at the retry"):
+        experiment.run(1, backend="dask", progress=False)
+    starts = [(name, attempt) for event, name, attempt in heard if event == "start"]
+    ends = [(name, attempt) for event, name, attempt in heard if event == "end"]
+    assert ("i=0", 2) in starts
+    assert sorted(starts) == sorted(ends)
+    assert experiment.read_state().configs["i=0"]["attempts"] == 2
 
 
 # -- sweep files -------------------------------------------------------------------------------
