@@ -90,6 +90,8 @@ def check_order(lines: list[list[str]], n: int) -> None:
     assert by_config == expected
 
 
+# Namespaces every hook reads, not one hook's own: warned of, as no hook has their id.
+@pytest.mark.filterwarnings("ignore:extensions namespace:resweep.ResweepWarning")
 @pytest.mark.parametrize("backend", ["sequential", "threading", "loky", "dask"])
 def test_hooks_hear_every_event_in_order_under_every_backend(tmp_path: Path, backend: str) -> None:
     """Every backend tells hooks the same events in the same order: the run's start, each
@@ -250,6 +252,42 @@ def test_a_hook_raising_in_on_error_is_logged_truly(
     assert "raised in on_error" in messages[0] and "cannot reach the chat server" in messages[0]
     assert "the run was already stopping" in messages[0]
     assert "goes on" not in messages[0] and "fail_fast is off" not in messages[0]
+
+
+HOOK_IDS_SCRIPT = """
+SIDE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Notify:
+    def on_run_start(self, context):
+        with open(os.path.join(SIDE, "ids.txt"), "a") as f:
+            f.write(f"{context.hook} {dict(context.settings)}\\n")
+
+
+experiment = resweep.Experiment(
+    function=lambda config: {"ok": 1},
+    configs=[{"i": 0}],
+    output_dir=OUT,
+    hooks=[Notify, lambda event, context, payload=None: None, Notify],
+    extensions={"__main__.Notify": {"channel": "#ml"}, "Notify": {"channel": "#lost"}},
+)
+"""
+
+
+def test_hooks_defined_in_a_script_have_main_ids(tmp_path: Path, write_script: Any) -> None:
+    """A hook defined in the script run is __main__.<name> (a lambda __main__.<lambda>), a
+    repeat gets -2; extensions reach it under that id, and a namespace no hook has is warned of."""
+    script = write_script(HOOK_IDS_SCRIPT)
+    proc = run_script(script, "run", "--backend", "sequential")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "ids.txt").read_text().splitlines() == [
+        "__main__.Notify {'channel': '#ml'}",
+        "__main__.Notify-2 {}",
+    ]
+    warned = [line for line in proc.stderr.splitlines() if "extensions namespace" in line]
+    assert len(warned) == 1, proc.stderr
+    assert "'Notify' is no hook's id" in warned[0]
+    assert "__main__.Notify, __main__.<lambda>, __main__.Notify-2" in warned[0]
 
 
 def test_on_error_hears_of_a_run_that_could_not_start(tmp_path: Path) -> None:
@@ -502,6 +540,7 @@ def sweep_hook(event: str, context: resweep.HookContext, payload: Any = None) ->
         raise RuntimeError("logged, not fatal: the sweep file turned fail_fast off")
 
 
+@pytest.mark.filterwarnings("ignore:extensions namespace:resweep.ResweepWarning")
 def test_a_sweep_file_declares_hooks_and_extensions(tmp_path: Path) -> None:
     """A sweep file's hooks: (with fail_fast) and extensions: reach the experiment that takes
     its configs; the experiment's own settings come first."""
@@ -536,6 +575,7 @@ def test_a_sweep_file_declares_hooks_and_extensions(tmp_path: Path) -> None:
         strict.run(backend="sequential", progress=False)
 
 
+@pytest.mark.filterwarnings("ignore:extensions namespace:resweep.ResweepWarning")
 def test_a_slice_of_a_sweep_file_keeps_its_hooks(tmp_path: Path) -> None:
     """load_configs(...)[:1] is a shorter sweep with the same hooks and extensions, not a
     plain list that silently drops them; one config is still a config."""

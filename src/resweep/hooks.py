@@ -22,6 +22,7 @@ import inspect
 import logging
 import os
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from typing import Any, Literal
 
 from resweep import plugins
 from resweep.artifacts import ArtifactWriter
-from resweep.errors import ConfigError, HookError, PluginError, ResweepError
+from resweep.errors import ConfigError, HookError, PluginError, ResweepError, ResweepWarning
 
 Event = Literal["on_run_start", "on_config_start", "on_config_end", "on_run_end", "on_error"]
 EVENTS: tuple[Event, ...] = (
@@ -348,8 +349,20 @@ def prepare(
     """The dispatcher of one run; an unknown id or a bad hook is an error before anything runs."""
     if not isinstance(specs.extensions, Mapping):
         raise ConfigError(f"extensions must be a mapping, not {type(specs.extensions).__name__}")
+    loaded = load_hooks(specs.hooks)
+    ids = [hook.id for hook in loaded]
+    for namespace in specs.extensions:
+        if loaded and namespace not in ids:
+            # Likely a namespace written for a hook under another name ("Notify" for a class
+            # whose id is "__main__.Notify"): its context.settings would be empty.
+            warnings.warn(
+                f"extensions namespace {namespace!r} is no hook's id (this run's hooks: "
+                f"{', '.join(ids)}); a hook's context.settings is extensions[<its id>]",
+                ResweepWarning,
+                stacklevel=4,
+            )
     return Hooks(
-        load_hooks(specs.hooks),
+        loaded,
         fail_fast=bool(specs.fail_fast),
         extensions=specs.extensions,
         output_dir=output_dir,
