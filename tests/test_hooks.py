@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,8 @@ def check_order(lines: list[list[str]], n: int) -> None:
     assert by_config == expected
 
 
+# Namespaces every hook reads, not one hook's own: warned of, as no hook has their id.
+@pytest.mark.filterwarnings("ignore:extensions namespace:resweep.ResweepWarning")
 @pytest.mark.parametrize("backend", ["sequential", "threading", "loky", "dask"])
 def test_hooks_hear_every_event_in_order_under_every_backend(tmp_path: Path, backend: str) -> None:
     """Every backend tells hooks the same events in the same order: the run's start, each
@@ -217,6 +220,74 @@ def test_hook_without_fail_fast_is_logged_once_and_the_run_goes_on(
     assert "(attempt 1), session " in messages[0] and "KeyError" in messages[0]
     assert ".grumpy' raised" in messages[0] and "the run goes on" in messages[0]
     assert "raised 2 more times in on_config_end" in messages[1]
+
+
+def test_a_hook_raising_in_on_error_is_logged_truly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hook that raises in on_error (fail_fast on) is logged as raising while the run was
+    already stopping, not as a run that goes on; the run's own error is what ends it."""
+
+    def clumsy(event: str, context: resweep.HookContext, payload: Any = None) -> None:
+        if event == "on_error":
+            raise OSError("cannot reach the chat server")
+
+    def broken_setup() -> None:
+        raise RuntimeError("no GPU")
+
+    experiment = resweep.Experiment(
+        function=flaky,
+        configs=[{"i": 0}],
+        output_dir=tmp_path / "out",
+        setup=resweep.WorkerSetup(common=broken_setup),
+        hooks=[clumsy],
+    )
+    with (
+        caplog.at_level(logging.WARNING, logger="resweep.hooks"),
+        pytest.raises(RuntimeError, match="no GPU"),
+    ):
+        experiment.run(backend="sequential", progress=False)
+    messages = [r.getMessage() for r in caplog.records if r.name == "resweep.hooks"]
+    assert len(messages) == 1, messages
+    assert "raised in on_error" in messages[0] and "cannot reach the chat server" in messages[0]
+    assert "the run was already stopping" in messages[0]
+    assert "goes on" not in messages[0] and "fail_fast is off" not in messages[0]
+
+
+HOOK_IDS_SCRIPT = """
+SIDE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Notify:
+    def on_run_start(self, context):
+        with open(os.path.join(SIDE, "ids.txt"), "a") as f:
+            f.write(f"{context.hook} {dict(context.settings)}\\n")
+
+
+experiment = resweep.Experiment(
+    function=lambda config: {"ok": 1},
+    configs=[{"i": 0}],
+    output_dir=OUT,
+    hooks=[Notify, lambda event, context, payload=None: None, Notify],
+    extensions={"__main__.Notify": {"channel": "#ml"}, "Notify": {"channel": "#lost"}},
+)
+"""
+
+
+def test_hooks_defined_in_a_script_have_main_ids(tmp_path: Path, write_script: Any) -> None:
+    """A hook defined in the script run is __main__.<name> (a lambda __main__.<lambda>), a
+    repeat gets -2; extensions reach it under that id, and a namespace no hook has is warned of."""
+    script = write_script(HOOK_IDS_SCRIPT)
+    proc = run_script(script, "run", "--backend", "sequential")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "ids.txt").read_text().splitlines() == [
+        "__main__.Notify {'channel': '#ml'}",
+        "__main__.Notify-2 {}",
+    ]
+    warned = [line for line in proc.stderr.splitlines() if "extensions namespace" in line]
+    assert len(warned) == 1, proc.stderr
+    assert "'Notify' is no hook's id" in warned[0]
+    assert "__main__.Notify, __main__.<lambda>, __main__.Notify-2" in warned[0]
 
 
 def test_on_error_hears_of_a_run_that_could_not_start(tmp_path: Path) -> None:
@@ -363,6 +434,88 @@ def test_fail_fast_with_configs_in_flight(tmp_path: Path, write_script: Any, bac
     assert heard[-1] == "on_run_end None"
 
 
+def quick(config: dict[str, int]) -> dict[str, int]:
+    time.sleep(0.01)  # fast enough that the Dask pool sends configs in batches
+    return {"i": config["i"]}
+
+
+def test_a_hook_that_stops_a_dask_run_hears_only_configs_that_ran(tmp_path: Path) -> None:
+    """On Dask, configs travel in batches; a hook that stops the run (fail_fast) while a batch
+    runs hears on_config_start only for configs that really started, each with its
+    on_config_end, never for the rest of the batch, which stays todo with no attempt used."""
+    pytest.importorskip("distributed")
+    starts: list[str] = []
+    ends: list[str] = []
+
+    class Picky:
+        def on_config_start(self, context: resweep.HookContext) -> None:
+            assert context.config is not None
+            starts.append(context.config)
+
+        def on_config_end(
+            self, context: resweep.HookContext, outcome: resweep.ConfigOutcome
+        ) -> None:
+            ends.append(outcome.name)
+            # Raise while several configs are heard started: a batch is out, or at the 60th end.
+            if len(set(starts) - set(ends)) >= 3 or len(ends) == 60:
+                raise RuntimeError("stop the sweep")
+
+    experiment = resweep.Experiment(
+        function=quick,
+        configs=[{"i": i} for i in range(400)],
+        output_dir=tmp_path / "out",
+        hooks=[Picky()],
+    )
+    with pytest.raises(HookError, match="stop the sweep"):
+        experiment.run(1, backend="dask", progress=False)
+    configs = experiment.read_state().configs
+    assert len(starts) == len(set(starts)) and sorted(starts) == sorted(ends)
+    assert all(configs[name]["attempts"] == 1 for name in starts)
+    assert {configs[name]["status"] for name in starts} == {"done"}
+    assert all(r["attempts"] == 0 for n, r in configs.items() if n not in set(starts))
+    assert len(starts) < 400
+
+
+def first_fails(config: dict[str, int], ctx: resweep.Context) -> dict[str, int]:
+    time.sleep(0.05)  # slow enough that the Dask pool sends each config alone
+    if config["i"] == 0 and ctx.attempt == 1:
+        raise ValueError("first attempt")
+    return {"i": config["i"]}
+
+
+def test_a_dask_retry_is_heard_to_start_only_when_it_starts(tmp_path: Path) -> None:
+    """On Dask, a retried config queued behind others is not said to start while it waits: a
+    hook that stops the run when it hears the retry start also hears it end."""
+    pytest.importorskip("distributed")
+    heard: list[tuple[str, str | None, int | None]] = []
+
+    class StopAtRetry:
+        def on_config_start(self, context: resweep.HookContext) -> None:
+            heard.append(("start", context.config, context.attempt))
+            if context.attempt == 2:
+                raise RuntimeError("stop at the retry")
+
+        def on_config_end(
+            self, context: resweep.HookContext, outcome: resweep.ConfigOutcome
+        ) -> None:
+            heard.append(("end", outcome.name, outcome.attempt))
+
+    experiment = resweep.Experiment(
+        function=first_fails,
+        configs=[{"i": i} for i in range(20)],
+        output_dir=tmp_path / "out",
+        retries=1,
+        hooks=[StopAtRetry()],
+    )
+    with pytest.raises(HookError, match="stop at the retry"):
+        experiment.run(1, backend="dask", progress=False)
+    starts = [(name, attempt) for event, name, attempt in heard if event == "start"]
+    ends = [(name, attempt) for event, name, attempt in heard if event == "end"]
+    assert ("i=0", 2) in starts
+    assert sorted(starts) == sorted(ends)
+    assert experiment.read_state().configs["i=0"]["attempts"] == 2
+
+
 # -- sweep files -------------------------------------------------------------------------------
 
 
@@ -387,6 +540,7 @@ def sweep_hook(event: str, context: resweep.HookContext, payload: Any = None) ->
         raise RuntimeError("logged, not fatal: the sweep file turned fail_fast off")
 
 
+@pytest.mark.filterwarnings("ignore:extensions namespace:resweep.ResweepWarning")
 def test_a_sweep_file_declares_hooks_and_extensions(tmp_path: Path) -> None:
     """A sweep file's hooks: (with fail_fast) and extensions: reach the experiment that takes
     its configs; the experiment's own settings come first."""
@@ -419,6 +573,28 @@ def test_a_sweep_file_declares_hooks_and_extensions(tmp_path: Path) -> None:
     )
     with pytest.raises(HookError):
         strict.run(backend="sequential", progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:extensions namespace:resweep.ResweepWarning")
+def test_a_slice_of_a_sweep_file_keeps_its_hooks(tmp_path: Path) -> None:
+    """load_configs(...)[:1] is a shorter sweep with the same hooks and extensions, not a
+    plain list that silently drops them; one config is still a config."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(SWEEP)
+    configs = resweep.load_configs(sweep)
+    first = configs[:1]
+    assert first == [{"model": "a", "lr": 0.1}]
+    assert configs[0] == {"model": "a", "lr": 0.1}
+    assert configs[::-1] == [{"model": "a", "lr": 0.01}, {"model": "a", "lr": 0.1}]
+    heard_from_sweep.clear()
+    experiment = resweep.Experiment(
+        function=lambda c: {"ok": 1}, configs=first, output_dir=tmp_path / "out"
+    )
+    assert experiment.run(backend="sequential", progress=False).done == 1
+    assert [e for e, _, _ in heard_from_sweep] == [
+        "on_run_start", "on_config_start", "on_config_end", "on_run_end",
+    ]  # fmt: skip
+    assert heard_from_sweep[0][2] == {"notify": {"channel": "#ml"}}
 
 
 @pytest.mark.parametrize(
@@ -459,6 +635,12 @@ def test_hooks_write_artifacts_atomically_under_their_own_directory(tmp_path: Pa
             )
             with pytest.raises(ResweepError, match=r"'\.\.'"):
                 context.artifacts.write_json("../escape.json", {})
+            with pytest.raises(
+                ResweepError,
+                match=r"'/etc/x' is an absolute path; give a path relative to the hook's "
+                r"directory \(.*/out/hooks/audit\)",
+            ):
+                context.artifacts.write_json("/etc/x", {})
 
     resweep.register_hook("audit", Audit)
     experiment = resweep.Experiment(

@@ -26,7 +26,7 @@ SIDE = os.path.dirname(os.path.abspath(__file__))
 
 def work(config):
     i = config["i"]
-    if i == 2:
+    if i == 2 and not os.environ.get("FIXED"):
         raise ValueError("two is broken")
     if i == 4 and os.environ.get("HANG"):
         open(os.path.join(SIDE, "started4"), "w").close()
@@ -34,6 +34,23 @@ def work(config):
         while time.monotonic() < deadline:  # until the test kills the run
             time.sleep(0.05)
     return {"score": i / 10, "nested": {"n": i}, "label": "text", "flag": True}
+
+
+if os.environ.get("HANG_TAG"):
+    # The file store writes a new run's tags one by one: hang before one until killed.
+    from mlflow.store.tracking.file_store import FileStore
+
+    set_tag = FileStore.set_tag
+
+    def slow_set_tag(self, run_id, tag):
+        if tag.key == os.environ["HANG_TAG"]:
+            open(os.path.join(SIDE, "tagging"), "w").close()
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # until the test kills the run
+                time.sleep(0.05)
+        return set_tag(self, run_id, tag)
+
+    FileStore.set_tag = slow_set_tag
 
 
 experiment = resweep.Experiment(
@@ -106,6 +123,7 @@ def check_runs(tmp_path: Path, env: dict[str, str]) -> list[Any]:
             assert run.info.status == "FINISHED"
             assert run.data.metrics == {"score": i / 10, "nested.n": float(i)}
             assert run.data.tags["resweep.fingerprint"] == record["fingerprint"]
+            assert "resweep.error" not in run.data.tags
         else:
             assert run.info.status == "FAILED"
             assert run.data.tags["resweep.error"] == "ValueError: two is broken"
@@ -130,6 +148,26 @@ def test_each_finished_config_is_one_nested_mlflow_run(
     children = check_runs(tmp_path, env)
     (failed,) = [r for r in children if r.data.tags["resweep.status"] == "failed"]
     assert failed.data.tags["resweep.attempts"] == "2"
+
+
+def test_a_failed_config_that_later_succeeds_loses_its_error_tag(
+    tmp_path: Path, write_script: Any, env: dict[str, str]
+) -> None:
+    """A config that failed, then succeeds with --retry-failed: its one MLflow run is FINISHED
+    and no longer carries the error of the attempt before."""
+    script = write_script(SCRIPT)
+    assert run_script(script, "run", "--backend", "sequential", env=env).returncode == 1
+    (failed,) = [r for r in check_runs(tmp_path, env) if r.info.status == "FAILED"]
+    assert failed.data.tags["resweep.error"] == "ValueError: two is broken"
+
+    fixed = {**env, "FIXED": "1"}
+    retried = run_script(script, "run", "--backend", "sequential", "--retry-failed", env=fixed)
+    assert retried.returncode == 0, retried.stderr
+    children = check_runs(tmp_path, env)
+    (again,) = [r for r in children if r.data.tags["resweep.config"] == "i=2,opt.lr=0.1"]
+    assert again.info.run_id == failed.info.run_id
+    assert again.info.status == "FINISHED"
+    assert again.data.tags["resweep.attempts"] == "2"
 
 
 def test_a_killed_and_resumed_sweep_logs_every_config_once(
@@ -161,6 +199,79 @@ def test_a_killed_and_resumed_sweep_logs_every_config_once(
 
     resumed = run_script(script, "run", env=env)
     assert resumed.returncode == 1, resumed.stderr
+    check_runs(tmp_path, env)
+
+
+def test_no_tracking_store_mlflow_skinny_can_open_is_one_clear_line(
+    tmp_path: Path, write_script: Any, env: dict[str, str]
+) -> None:
+    """With MLFLOW_TRACKING_URI unset, MLflow 3 picks a SQLite store that mlflow-skinny (no
+    SQLAlchemy) cannot open: the run is refused at its start, exit 2, with one line saying
+    what to set, and no config runs."""
+    script = write_script(SCRIPT)
+    skinny = tmp_path / "skinny"
+    skinny.mkdir()
+    # As in an install of mlflow-skinny: SQLAlchemy cannot be imported.
+    (skinny / "sitecustomize.py").write_text("import sys\nsys.modules['sqlalchemy'] = None\n")
+    unset = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(
+        [sys.executable, str(script), "run", "--backend", "sequential"],
+        cwd=tmp_path,
+        env={**unset, "PYTHONPATH": os.pathsep.join([str(skinny), env["PYTHONPATH"]])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: the mlflow hook: MLFLOW_TRACKING_URI is not set"), line
+    assert "sqlite" in line and "set MLFLOW_TRACKING_URI" in line
+    assert "MLFLOW_ALLOW_FILE_STORE=true" in line
+    assert state(tmp_path)["configs"]["i=0,opt.lr=0.1"]["status"] == "todo"
+
+
+def kill_when(proc: subprocess.Popen[bytes], marker: Path) -> None:
+    """SIGKILL proc once marker exists."""
+    try:
+        deadline = time.monotonic() + 90
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert marker.exists(), proc.stderr.read() if proc.stderr else ""
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+        if proc.stderr:
+            proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("tag", ["mlflow.parentRunId", "resweep.config", "resweep.attempts"])
+def test_a_run_killed_while_the_bridge_makes_a_config_run_leaves_no_duplicate(
+    tmp_path: Path, write_script: Any, env: dict[str, str], tag: str
+) -> None:
+    """SIGKILL the run while MLflow writes the tags of a config's new run one by one: the
+    resumed run deletes the half-made run and logs the config again, once."""
+    script = write_script(SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "run", "--backend", "sequential", "--noprogress"],
+        cwd=tmp_path,
+        env={**os.environ, **env, "HANG_TAG": tag},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    kill_when(proc, tmp_path / "tagging")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("bridge")
+    assert len(client.search_runs([experiment.experiment_id])) == 2  # the parent, one half-made
+
+    resumed = run_script(script, "run", "--backend", "sequential", env=env)
+    assert resumed.returncode == 1, resumed.stderr
+    check_runs(tmp_path, env)
+    again = run_script(script, "run", "--backend", "sequential", env=env)
+    assert again.returncode == 1, again.stderr
     check_runs(tmp_path, env)
 
 

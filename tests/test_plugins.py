@@ -117,11 +117,14 @@ def test_an_installed_plugin_is_listed_and_used(
         (["--backend", "nope"], "audit", "unknown backend 'nope'; known backends: loky, threading, "
          "sequential, dask, tiny-cluster"),
         ([], "nope", "unknown hook 'nope'; known hooks: audit, mlflow"),
+        (["--dry-run"], "nope", "unknown hook 'nope'; known hooks: audit, mlflow"),
     ],
 )  # fmt: skip
 def test_an_unknown_id_is_one_line_listing_the_known_ones(
     tmp_path: Path, site: Path, write_script: Any, args: list[str], hook: str, message: str
 ) -> None:
+    """An unknown backend or hook id is exit 2 and one line naming the known ids, in a dry run
+    too."""
     script = write_script(SCRIPT)
     proc = run_script(script, "run", *args, env={**plugin_env(site, tmp_path), "HOOK": hook})
     assert proc.returncode == 2, proc.stderr

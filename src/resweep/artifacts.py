@@ -64,6 +64,11 @@ class ArtifactWriter:
 
     def path(self, name: str) -> Path:
         """Where name ("a.json", or "per_config/a.json") goes; makes its directories."""
+        if isinstance(name, str) and (name.startswith(("/", "\\")) or os.path.isabs(name)):
+            raise ResweepError(
+                f"artifact path: {name!r} is an absolute path; give a path relative to the "
+                f"hook's directory ({self.dir})"
+            )
         names = name.split("/") if isinstance(name, str) else [name]
         checked = [check_part(p) for p in names]
         directory = self.root

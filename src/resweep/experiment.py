@@ -190,11 +190,22 @@ class Experiment:
         where: Mapping[str, Any] | None = None,
         rerun_changed: bool = False,
     ) -> Plan:
-        """What run() would do now, by category; reads the state and writes nothing."""
+        """What run() would do now, by category; reads the state and writes nothing.
+
+        Refuses what run() would refuse before it starts: a bad config, an unknown hook.
+        """
         from resweep import planning
+        from resweep.hooks import prepare
 
         selection = Selection.of(only, where)
         named = self.named_configs()
+        prepare(
+            self.hook_specs(),
+            output_dir=self.store.root,
+            experiment=self.name,
+            backend="dry-run",
+            max_workers=1,
+        )
         # Read as the run would find it: configs a dead run left running, settled.
         state = self.read_state() if self.store.exists() else State()
         return planning.plan(

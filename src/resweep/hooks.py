@@ -22,6 +22,7 @@ import inspect
 import logging
 import os
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from typing import Any, Literal
 
 from resweep import plugins
 from resweep.artifacts import ArtifactWriter
-from resweep.errors import ConfigError, HookError, ResweepError
+from resweep.errors import ConfigError, HookError, PluginError, ResweepError, ResweepWarning
 
 Event = Literal["on_run_start", "on_config_start", "on_config_end", "on_run_end", "on_error"]
 EVENTS: tuple[Event, ...] = (
@@ -206,7 +207,8 @@ class Hooks:
 
     fire() never raises a hook's exception: with fail_fast the first one becomes `failure`,
     which the run checks to stop; without, each is logged (the first of each hook and event in
-    full, the rest counted and reported when the run ends).
+    full, the rest counted and reported when the run ends). The one exception is a PluginError
+    from on_run_start: a hook that cannot work in this setup refuses the run as bad input does.
     """
 
     def __init__(
@@ -234,6 +236,8 @@ class Hooks:
         self.run_started = False
         self.ended = False
         self._repeats: Counter[tuple[str, str]] = Counter()
+        # Set while on_error fires: fail_fast has nothing left to stop.
+        self._in_error = False
 
     def __bool__(self) -> bool:
         return bool(self.hooks)
@@ -267,6 +271,8 @@ class Hooks:
                 else:
                     handler(context, payload)
             except Exception as error:
+                if isinstance(error, PluginError) and event == "on_run_start":
+                    raise  # a hook that cannot work here (no store, say): a bad setup, exit 2
                 self._raised(hook, event, context, error)
 
     def run_start(self) -> None:
@@ -287,11 +293,12 @@ class Hooks:
         if self.ended:
             return
         self.ended = True
-        fail_fast, self.fail_fast = self.fail_fast, False
+        # The run is ending by an error already: a hook raising now can only be logged.
+        self._in_error = True
         try:
             self.fire("on_error", error)
         finally:
-            self.fail_fast = fail_fast
+            self._in_error = False
         self._report_repeats()
 
     def _raised(self, hook: Hook, event: str, context: HookContext, error: Exception) -> None:
@@ -302,7 +309,7 @@ class Hooks:
             where += f", session {self.session}"
         text = str(error).strip().splitlines()
         line = f"{where}: {type(error).__name__}" + (f": {text[0]}" if text else "")
-        if self.fail_fast:
+        if self.fail_fast and not self._in_error:
             if self.failure is None:
                 stopped = (
                     "the replay stopped (hooks fail_fast is on)"
@@ -318,7 +325,10 @@ class Hooks:
         key = (hook.id, event)
         self._repeats[key] += 1
         if self._repeats[key] == 1:
-            log.warning("%s; the run goes on (hooks fail_fast is off)", line)
+            if self._in_error:
+                log.warning("%s; the run was already stopping", line)
+            else:
+                log.warning("%s; the run goes on (hooks fail_fast is off)", line)
 
     def _report_repeats(self) -> None:
         for (hook_id, event), count in self._repeats.items():
@@ -339,8 +349,20 @@ def prepare(
     """The dispatcher of one run; an unknown id or a bad hook is an error before anything runs."""
     if not isinstance(specs.extensions, Mapping):
         raise ConfigError(f"extensions must be a mapping, not {type(specs.extensions).__name__}")
+    loaded = load_hooks(specs.hooks)
+    ids = [hook.id for hook in loaded]
+    for namespace in specs.extensions:
+        if loaded and namespace not in ids:
+            # Likely a namespace written for a hook under another name ("Notify" for a class
+            # whose id is "__main__.Notify"): its context.settings would be empty.
+            warnings.warn(
+                f"extensions namespace {namespace!r} is no hook's id (this run's hooks: "
+                f"{', '.join(ids)}); a hook's context.settings is extensions[<its id>]",
+                ResweepWarning,
+                stacklevel=4,
+            )
     return Hooks(
-        load_hooks(specs.hooks),
+        loaded,
         fail_fast=bool(specs.fail_fast),
         extensions=specs.extensions,
         output_dir=output_dir,

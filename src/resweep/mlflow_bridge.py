@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,6 +46,44 @@ def _quoted(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+# Stores MLflow keeps in a database through SQLAlchemy, which mlflow-skinny does not install.
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+SET_A_STORE = (
+    "set MLFLOW_TRACKING_URI to a tracking server (http://host:5000), or to a directory "
+    "(file:///path/mlruns, with MLFLOW_ALLOW_FILE_STORE=true), or give extensions: "
+    "{mlflow: {tracking_uri: ...}}"
+)
+
+
+def _open_client(client_class: Any, tracking_uri: str | None) -> Any:
+    """An MlflowClient on the store the settings or MLflow choose; one that cannot be opened
+    refuses the run at its start (exit 2) with what to set, not MLflow's traceback."""
+    import importlib.util
+
+    import mlflow
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    where = (
+        f"MLflow's tracking URI is {uri!r}"
+        if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        else f"MLFLOW_TRACKING_URI is not set, so MLflow chose {uri!r}"
+    )
+    scheme = str(uri).partition(":")[0].partition("+")[0].lower()
+    if scheme in DATABASE_SCHEMES and importlib.util.find_spec("sqlalchemy") is None:
+        raise PluginError(
+            f"the mlflow hook: {where}, a database store that needs SQLAlchemy, which "
+            f"mlflow-skinny lacks; {SET_A_STORE}"
+        )
+    try:
+        return client_class(tracking_uri=tracking_uri)
+    except Exception as error:
+        lines = str(error).strip().splitlines()
+        raise PluginError(
+            f"the mlflow hook cannot open its tracking store: {where} "
+            f"({type(error).__name__}{': ' + lines[0] if lines else ''}); {SET_A_STORE}"
+        ) from None
+
+
 def metrics_of(result: Any) -> dict[str, float]:
     """The result's numeric keys (nested keys joined with '.'), booleans left out."""
     if not isinstance(result, Mapping):
@@ -77,6 +116,8 @@ class MlflowHook:
         self.output_dir = ""
         # Config name -> (run id, its resweep.attempts and resweep.status tags, MLflow status).
         self.runs: dict[str, tuple[str, str, str, str]] = {}
+        # Configs whose run holds a resweep.error tag: a later success deletes it.
+        self.errors: set[str] = set()
 
     # -- hook events -----------------------------------------------------------------------
 
@@ -87,7 +128,7 @@ class MlflowHook:
 
         settings = context.settings
         self.output_dir = str(context.output_dir)
-        self.client = MlflowClient(tracking_uri=settings.get("tracking_uri"))
+        self.client = _open_client(MlflowClient, settings.get("tracking_uri"))
         name = str(settings.get("experiment_name") or context.experiment or context.output_dir.name)
         found = self.client.get_experiment_by_name(name)
         self.experiment_id = (
@@ -169,17 +210,42 @@ class MlflowHook:
         return str(run.info.run_id)
 
     def _children(self) -> dict[str, tuple[str, str, str, str]]:
-        runs: dict[str, tuple[str, str, str, str]] = {}
+        """Each config's one run; runs a killed bridge left half-made, or twice, are deleted.
+
+        A store may write a new run's tags one at a time (the file store does): a kill while the
+        bridge creates a run leaves it RUNNING with only its first tags. Those go first, the
+        output directory's and the parent's, so such a run is still known as this directory's;
+        it is deleted here and its config logged again.
+        """
+        found: dict[str, Any] = {}
+        for run in self._search(f"tags.`{TAG_DIR}` = {_quoted(self.output_dir)}"):
+            found[run.info.run_id] = run
         for run in self._search(f"tags.`mlflow.parentRunId` = {_quoted(str(self.parent_id))}"):
+            found[run.info.run_id] = run
+        runs: dict[str, tuple[str, str, str, str]] = {}
+        for run in sorted(found.values(), key=lambda r: (r.info.start_time or 0, r.info.run_id)):
             tags = run.data.tags
+            if run.info.run_id == self.parent_id or tags.get(TAG_ROLE) == "experiment":
+                continue
             name = tags.get(TAG_CONFIG)
-            if name is not None and name not in runs:
-                runs[name] = (
-                    run.info.run_id,
-                    tags.get(TAG_ATTEMPTS, ""),
-                    tags.get(TAG_STATUS, ""),
-                    run.info.status,
-                )
+            whole = (
+                name is not None
+                and tags.get("mlflow.parentRunId") == self.parent_id
+                and TAG_ATTEMPTS in tags
+                and run.info.status in ("FINISHED", "FAILED")
+            )
+            if not whole or name in runs:
+                self.client.delete_run(run.info.run_id)
+                continue
+            assert name is not None
+            if TAG_ERROR in tags:
+                self.errors.add(name)
+            runs[name] = (
+                run.info.run_id,
+                tags.get(TAG_ATTEMPTS, ""),
+                tags.get(TAG_STATUS, ""),
+                run.info.status,
+            )
         return runs
 
     def _catch_up(self, context: HookContext) -> None:
@@ -203,12 +269,14 @@ class MlflowHook:
         known = self.runs.get(name)
         if known is not None and known[1:] == (attempts, status, mlflow_status):
             return  # logged already, this very attempt
+        # In this order: a store that writes tags one at a time writes the ones that tie the
+        # run to this directory first, then its config; a run cut short is found and redone.
         tags = {
+            TAG_DIR: self.output_dir,
+            "mlflow.parentRunId": str(self.parent_id),
             TAG_CONFIG: name,
             TAG_STATUS: status,
             TAG_ATTEMPTS: attempts,
-            TAG_DIR: self.output_dir,
-            "mlflow.parentRunId": str(self.parent_id),
             "mlflow.runName": name,
         }
         if record.get("session"):
@@ -218,7 +286,7 @@ class MlflowHook:
         if status == "failed" and record.get("error"):
             tags[TAG_ERROR] = str(record["error"])[:MAX_TAG_CHARS]
         if known is None:
-            # Tagged as it is made: a kill right after still leaves it findable by its config.
+            # Tagged as it is made: a kill during or right after leaves it findable (_children).
             run = self.client.create_run(
                 self.experiment_id, start_time=_millis(record.get("start_time")), tags=tags
             )
@@ -237,6 +305,12 @@ class MlflowHook:
         metrics = self._metrics(metrics_of(record.get("result")), record.get("end_time"))
         for i in range(0, len(metrics), BATCH):
             self.client.log_batch(run_id, metrics=metrics[i : i + BATCH])
+        if TAG_ERROR in tags:
+            self.errors.add(name)
+        elif name in self.errors:
+            # The error of an attempt before this one: a retried config that now succeeds.
+            self.client.delete_tag(run_id, TAG_ERROR)
+            self.errors.discard(name)
         self.client.set_terminated(
             run_id, status=mlflow_status, end_time=_millis(record.get("end_time"))
         )

@@ -910,6 +910,7 @@ def _run_pool(
         results_dir=os.path.join(store.root, RESULTS_DIR),
         fail_fast=options.fail_fast,
         retries=experiment.retries,
+        report_starts=hooks.wants("on_config_start"),
     )
     writer = StateWriter(store, state)
     try:

@@ -16,7 +16,7 @@ import typing
 from collections import abc
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsIndex, overload
 
 from resweep.errors import ConfigError
 
@@ -392,6 +392,23 @@ class SweepConfigs(list[Any]):
         self.hooks_fail_fast = hooks_fail_fast
         # Settings by namespace, handed to every hook.
         self.extensions: dict[str, Any] = dict(extensions or {})
+
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> Any: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> SweepConfigs: ...
+
+    def __getitem__(self, index: SupportsIndex | slice) -> Any:
+        """A config; a slice keeps the file's hooks and extensions (`load_configs(...)[:2]`)."""
+        if isinstance(index, slice):
+            return SweepConfigs(
+                super().__getitem__(index),
+                hooks=self.hooks,
+                hooks_fail_fast=self.hooks_fail_fast,
+                extensions=self.extensions,
+            )
+        return super().__getitem__(index)
 
 
 def _hook_settings(spec: Any, where: str) -> tuple[list[str], bool | None, dict[str, Any]]:

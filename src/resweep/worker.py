@@ -68,6 +68,9 @@ class Job:
     # Recorded with every done config: which run session and which code produced it.
     session: str | None = None
     fingerprint: str | None = None
+    # Hooks hear each config's start: a pool that sends configs in batches says when each one
+    # starts, not only when its batch does (a stop can leave the rest of a batch unstarted).
+    report_starts: bool = False
 
 
 @dataclass(slots=True)

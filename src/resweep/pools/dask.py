@@ -92,8 +92,9 @@ class DaskPool:
         self.started: dict[str, tuple[str, int, str, float]] = {}
         # The keys of the tasks out now: a start heard late from a dropped task is ignored.
         self._live: set[str] = set()
-        # (config, attempt) of every config a worker was heard to start.
-        self.heard: set[tuple[str, int]] = set()
+        # Config -> attempt, for every config a worker was heard to start since it was last sent
+        # out: a retry sent again is not running until its own start is heard.
+        self.heard: dict[str, int] = {}
         self.job: Job | None = None
         self.timeout_s: float | None = None
         self.cache: Any = None
@@ -145,7 +146,8 @@ class DaskPool:
         self._connect()
         self.job = job
         self.timeout_s = timeout_s
-        report_starts = timeout_s is not None
+        # Each config's start, not its batch's: timeout_s counts from it, hooks hear of it.
+        report_starts = timeout_s is not None or job.report_starts
         if job.cache:
             self.cache = cache.open_cache(job.output_dir)
             self.recorded = cache.tags(self.cache)
@@ -163,7 +165,8 @@ class DaskPool:
         if key not in self._live:
             return
         heard = [(str(name), int(attempt)) for name, attempt in configs]
-        self.heard.update(heard)
+        for name, attempt in heard:
+            self.heard[name] = attempt
         if self.job is not None:
             # On disk too: if this coordinator dies, the next run knows these attempts happened,
             # and `status` shows them running since the time the scheduler logged the start.
@@ -188,6 +191,8 @@ class DaskPool:
         """Send batches of configs to the cluster, each with the calls its configs recorded."""
         assert self.job is not None
         for batch in batches:
+            for task in batch:
+                self.heard.pop(task.name, None)
             recorded = {}
             if self.cache is not None:
                 for task in batch:
@@ -427,7 +432,7 @@ class DaskPool:
 
     def executing(self) -> set[str] | None:
         """The configs a worker was heard to start: one never started did not use an attempt."""
-        return {name for name, _ in self.heard}
+        return set(self.heard)  # one C-level copy: the client's thread adds to it meanwhile
 
     def close(self, *, finished: bool = True) -> None:
         """Take the run off the workers; close the client, and the cluster this run started."""

@@ -193,7 +193,8 @@ def run_remote(
     """Run a batch of configs on a Dask worker; what they leave travels back with the outcomes.
 
     The coordinator hears when the batch starts (an attempt that never started is not counted),
-    and with timeout_s when each config starts (the limit counts from its own start).
+    or, with timeout_s or hooks that hear each start, when each config starts (the limit counts
+    from its own start; a config a stop leaves unstarted is never said to have started).
     """
     remote = _prepare_remote(token)
     worker = distributed.get_worker()
