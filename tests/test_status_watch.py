@@ -314,6 +314,44 @@ def test_snapshot_fits_the_terminal() -> None:
     assert full[-2:] == ["  b: failed", f"  a: ValueError: {'y' * 200}"]
 
 
+def test_a_snapshot_line_of_wide_characters_fits_the_width_in_columns() -> None:
+    """CJK characters and emoji take two columns: a line of them is cut by columns, so a
+    redraw in place never wraps; a terminal narrower than the ellipsis gets part of it."""
+    import unicodedata
+
+    def columns(line: str) -> int:
+        return sum(2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in line)
+
+    now = time.time()
+    report = StatusReport(
+        name="宽",
+        counts={"todo": 0, "running": 1, "done": 0, "failed": 0},
+        total=1,
+        running={"x=1": "2026-01-01T00:00:00+00:00"},
+        queued=[],
+        active_run=RunInfo("host", 1, "2026-01-01T00:00:00+00:00"),
+        left_running={},
+        failures={},
+        cache_hits=0,
+        cache_misses=0,
+        attempts={"x=1": 1},
+        last_log_lines={"x=1": "宽字符日志行🎉" * 30},
+        recent_failures=[],
+    )
+    for width in (1, 2, 3, 40, 79):
+        lines = snapshot_lines(report, width=width, now=now)
+        assert all(columns(line) <= width for line in lines), (width, lines)
+    assert "宽字符" in snapshot_lines(report, width=79, now=now)[3]
+
+
+def test_status_failed_escapes_control_characters(script: Path) -> None:
+    """An error line holding escape sequences cannot clear or recolour the reader's terminal."""
+    from resweep.status import printable
+
+    assert printable("RuntimeError: \x1b[2Jred\nnext") == "RuntimeError: \\x1b[2Jred\\nnext"
+    assert printable("plain 🎉") == "plain 🎉"
+
+
 @pytest.mark.parametrize(
     ("seconds", "shown"), [(0, "0s"), (59.9, "59s"), (61, "1m01s"), (7322, "2h02m")]
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +266,26 @@ def mixed(config: dict[str, Any]) -> dict[str, Any]:
         "items": [config["i"], "x"],
         "nested": {"depth": config["i"]},
     }
+
+
+def diverging(config: dict[str, int]) -> dict[str, Any]:
+    losses = [float("nan"), float("inf"), 0.5, -float("inf")]
+    return {"loss": losses[config["i"]], "tag": ["nan", "inf", "y", "z"][config["i"]]}
+
+
+def test_a_diverged_loss_keeps_its_column_numeric(tmp_path: Path) -> None:
+    """NaN and infinities are numbers in a number column (a string column keeps "nan" as text),
+    in load_summary and in open() alike."""
+    experiment = resweep.Experiment(
+        function=diverging, configs=[{"i": i} for i in range(4)], output_dir=tmp_path / "out"
+    )
+    experiment.run(backend="sequential", progress=False)
+    frame = resweep.load_summary(tmp_path / "out")
+    assert frame["loss"].dtype == "float64"
+    assert math.isnan(frame["loss"][0]) and list(frame["loss"][1:]) == [math.inf, 0.5, -math.inf]
+    assert list(frame["tag"]) == ["nan", "inf", "y", "z"]
+    view = resweep.open(tmp_path / "out").summary()
+    assert view.dtypes.to_dict() == frame.dtypes.to_dict()
 
 
 def test_open_and_load_summary_give_the_same_dtypes_and_values(tmp_path: Path) -> None:

@@ -253,8 +253,10 @@ class CLI:
                 if report.queued:
                     print(f"{len(report.queued)} more handed to busy workers, not started yet")
         if failed:
+            from resweep.status import printable
+
             for name, error in report.failures.items():
-                print(f"  {name}: {error}")
+                print(f"  {name}: {printable(str(error))}")
         warning = report.changed_warning
         if warning:
             print(warning)

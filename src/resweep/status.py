@@ -321,9 +321,36 @@ def snapshot_lines(
 
 
 def _fit(line: str, width: int) -> str:
-    """line cut to width characters, so that a redraw in place knows how many lines it wrote."""
+    """line cut to width columns, so that a redraw in place knows how many lines it wrote
+    (a CJK character or an emoji takes two, a combining mark none)."""
     line = "".join(c if c.isprintable() else " " for c in line)
-    return line if len(line) <= width else line[: max(0, width - 3)] + "..."
+    if sum(map(_columns, line)) <= width:
+        return line
+    room = max(0, width - 3)
+    kept, used = [], 0
+    for character in line:
+        if used + _columns(character) > room:
+            break
+        kept.append(character)
+        used += _columns(character)
+    return "".join(kept) + "..."[: max(0, width - used)]
+
+
+def _columns(character: str) -> int:
+    """How many terminal columns a printable character takes."""
+    import unicodedata
+
+    if unicodedata.combining(character):
+        return 0
+    return 2 if unicodedata.east_asian_width(character) in ("W", "F") else 1
+
+
+def printable(text: str) -> str:
+    """text with every control character escaped (\\x1b), so that no error line a config
+    raised can move the cursor or clear the screen of whoever reads status."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def config_report(

@@ -162,6 +162,16 @@ def _read_table(source: Any, strings: list[str]) -> pd.DataFrame:
     dtype = dict.fromkeys([*_TEXT_COLUMNS, *strings], "string")
     # Only an empty cell is missing: a string result "NA" or "null" stays that string.
     frame = pd.read_csv(source, dtype=dtype, keep_default_na=False, na_values=[""])
+    for column in frame.columns:
+        values = frame[column]
+        # A number column with a NaN or an infinity (a diverged loss) is read as text, since
+        # "nan" is no missing value here: numbers it is, when every cell reads as one.
+        if column not in dtype and (values.dtype == object or pd.api.types.is_string_dtype(values)):
+            present = values.dropna()
+            if len(present) and all(type(v) is str for v in present):
+                numbers = pd.to_numeric(values, errors="coerce")
+                if numbers.notna().sum() + present.str.lower().eq("nan").sum() == len(present):
+                    frame[column] = numbers.astype("float64")
     if "status" in frame:
         frame["status"] = frame["status"].astype("category")
     return frame
