@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -485,3 +486,62 @@ def test_an_artifact_directory_that_is_a_link_is_refused(tmp_path: Path) -> None
     with pytest.raises(ResweepError, match="symbolic link"):
         writer.write_json("a.json", {})
     assert list(elsewhere.iterdir()) == []
+
+
+# -- hooks that misbehave ----------------------------------------------------------------------
+
+
+EXITING_SCRIPT = """
+SIDE = os.path.dirname(os.path.abspath(__file__))
+
+
+def work(config):
+    return {"i": config["i"]}
+
+
+def heard(event, context, payload=None):
+    with open(os.path.join(SIDE, "events.txt"), "a") as f:
+        f.write(event + "\\n")
+
+
+class Quitter:
+    def on_config_end(self, context, outcome):
+        if context.config == "i=1":
+            sys.exit(int(os.environ["EXIT_CODE"]))
+
+
+experiment = resweep.Experiment(
+    function=work,
+    configs=[{"i": i} for i in range(4)],
+    output_dir=OUT,
+    hooks=[Quitter, heard],
+    hooks_fail_fast=bool(os.environ.get("FAIL_FAST")),
+)
+"""
+
+
+@pytest.mark.parametrize("code", ["0", "3"])
+def test_sys_exit_in_a_hook_is_a_hook_failure(tmp_path: Path, write_script: Any, code: str) -> None:
+    """sys.exit() in a hook does not end the run with its status: with fail_fast it stops the
+    run like any raising hook (exit 1, one line, on_error heard); without, it is logged."""
+    script = write_script(EXITING_SCRIPT)
+    env = {"EXIT_CODE": code, "FAIL_FAST": "1"}
+    proc = run_script(script, "run", "--backend", "sequential", "--noprogress", env=env)
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "hook '__main__.Quitter' raised in on_config_end for config 'i=1'" in errors[0]
+    assert "SystemExit" in errors[0] and "hooks fail_fast is on" in errors[0]
+    failure = (tmp_path / "out" / RUN_FAILURE_FILE).read_text()
+    assert "run stopped by a hook that raised" in failure and "SystemExit" in failure
+    assert (tmp_path / "events.txt").read_text().splitlines()[-1] == "on_error"
+
+    (tmp_path / "events.txt").unlink()
+    shutil.rmtree(tmp_path / "out")
+    env = {"EXIT_CODE": code, "FAIL_FAST": ""}
+    proc = run_script(script, "run", "--backend", "sequential", "--noprogress", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "raised in on_config_end for config 'i=1'" in proc.stderr
+    assert "SystemExit" in proc.stderr and "the run goes on" in proc.stderr
+    assert (tmp_path / "events.txt").read_text().splitlines()[-1] == "on_run_end"
+    assert Store(tmp_path / "out").read().counts()["done"] == 4

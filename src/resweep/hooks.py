@@ -160,7 +160,7 @@ def _from_target(id: str, target: Any) -> Hook:
             instance = target()
         except ResweepError:
             raise
-        except Exception as error:
+        except (Exception, SystemExit) as error:
             raise ConfigError(
                 f"hook {id!r}: {target.__qualname__}() failed: {type(error).__name__}: {error}"
             ) from None
@@ -266,7 +266,9 @@ class Hooks:
                     handler(context)
                 else:
                     handler(context, payload)
-            except Exception as error:
+            except (Exception, SystemExit, GeneratorExit) as error:
+                # sys.exit() in a hook is a hook failure like any other: it must not end the run
+                # with that status, unheard by on_error and on_run_end.
                 self._raised(hook, event, context, error)
 
     def run_start(self) -> None:
@@ -294,7 +296,7 @@ class Hooks:
             self.fail_fast = fail_fast
         self._report_repeats()
 
-    def _raised(self, hook: Hook, event: str, context: HookContext, error: Exception) -> None:
+    def _raised(self, hook: Hook, event: str, context: HookContext, error: BaseException) -> None:
         where = f"hook {hook.id!r} raised in {event}"
         if context.config is not None:
             where += f" for config {context.config!r} (attempt {context.attempt})"

@@ -99,7 +99,7 @@ def load(kind: Kind, id: str) -> Callable[..., Any]:
         raise PluginError(f"unknown {kind} {id!r}; known {kind}s: {known}")
     try:
         loaded: Callable[..., Any] = point.load()
-    except Exception as error:
+    except (Exception, SystemExit) as error:  # a module that calls sys.exit() as it loads
         raise PluginError(
             f"{kind} {id!r} from {_source(point)} cannot be loaded ({point.value}): "
             f"{type(error).__name__}: {error}"
