@@ -294,20 +294,69 @@ def test_replay_fires_no_hooks_unless_asked_to(tmp_path: Path) -> None:
     assert events(log)[-1] == ["on_error", "ValueError"]
 
 
+class Misnamed:
+    """A hook class whose only method is a typo of on_run_end."""
+
+    def on_run_finish(self, context: resweep.HookContext, report: resweep.RunReport) -> None:
+        raise AssertionError("never an event")
+
+
+class CalledHook:
+    """A class whose instances are function hooks: it defines __call__ and no event."""
+
+    heard: list[str] = []
+
+    def __call__(self, event: str, context: resweep.HookContext, payload: Any = None) -> None:
+        self.heard.append(event)
+
+
 def test_bad_hooks_are_refused_before_anything_runs(tmp_path: Path) -> None:
-    """An unknown id, a path that does not import, or an object that is no hook: one clear
-    error before the state is touched."""
+    """An unknown id, a path that does not import, an object that is no hook, or a class with no
+    event method (a typo): one clear error before the state is touched."""
     for hooks, message in (
         (["no-such-hook"], "unknown hook 'no-such-hook'; known hooks:"),
         (["no_such_module.Hook"], "cannot import no_such_module"),
         ([42], "is not a hook: give a class with on_"),
-    ):
+        ([Misnamed], r"class Misnamed defines no event method \(on_run_finish is no event\); "
+         "define any of on_run_start, on_config_start, on_config_end, on_run_end, on_error"),
+    ):  # fmt: skip
         experiment = resweep.Experiment(
             function=flaky, configs=[{"i": 0}], output_dir=tmp_path / "out", hooks=hooks
         )
         with pytest.raises(ResweepError, match=message):
             experiment.run(backend="sequential", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_class_with_no_event_is_refused_in_one_line(tmp_path: Path, write_script: Any) -> None:
+    """A hook class with only a misspelt event is exit 2 and one line naming it; a class whose
+    instances are callable is a function hook."""
+    script = write_script(
+        """
+        class Notify:
+            def on_run_finish(self, context, report):
+                pass
+
+        experiment = resweep.Experiment(
+            function=lambda c: c, configs=[{"i": 0}], output_dir=OUT, hooks=[Notify]
+        )
+        """
+    )
+    proc = run_script(script, "run", "--backend", "sequential")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        "error: hook '__main__.Notify': class Notify defines no event method (on_run_finish is "
+        "no event); define any of on_run_start, on_config_start, on_config_end, on_run_end, "
+        "on_error"
+    )
+    assert not (tmp_path / "out" / "experiment.yaml").exists()
+
+    CalledHook.heard.clear()
+    experiment = resweep.Experiment(
+        function=flaky, configs=[{"i": 0}], output_dir=tmp_path / "called", hooks=[CalledHook]
+    )
+    experiment.run(backend="sequential", progress=False)
+    assert CalledHook.heard[0] == "on_run_start" and CalledHook.heard[-1] == "on_run_end"
 
 
 FAIL_FAST_SCRIPT = """

@@ -156,6 +156,16 @@ def _import_path(path: str) -> Any:
 
 def _from_target(id: str, target: Any) -> Hook:
     if inspect.isclass(target):
+        if not any(callable(getattr(target, event, None)) for event in EVENTS) and not any(
+            "__call__" in vars(base) for base in inspect.getmro(target)
+        ):
+            # A typo (on_run_finish) would leave a hook that never fires: refuse it now.
+            others = sorted(n for n in vars(target) if n.startswith("on_"))
+            defined = f" ({', '.join(others)} is no event)" if others else ""
+            raise ConfigError(
+                f"hook {id!r}: class {target.__qualname__} defines no event method{defined}; "
+                f"define any of {', '.join(EVENTS)}"
+            )
         try:
             instance = target()
         except ResweepError:
