@@ -594,3 +594,15 @@ def test_sys_exit_in_a_hook_is_a_hook_failure(tmp_path: Path, write_script: Any,
     assert "SystemExit" in proc.stderr and "the run goes on" in proc.stderr
     assert (tmp_path / "events.txt").read_text().splitlines()[-1] == "on_run_end"
     assert Store(tmp_path / "out").read().counts()["done"] == 4
+
+
+def test_an_artifact_name_near_the_file_name_limit_is_a_clear_error(tmp_path: Path) -> None:
+    """A name whose temporary file (".name.pid.tmp") would pass 255 bytes is refused by name,
+    not by an OSError; one that leaves room is written."""
+    writer = resweep.ArtifactWriter(tmp_path, "hooks", "audit")
+    fits = "a" * 226 + ".json"  # 231 bytes
+    assert writer.write_json(fits, {"x": 1}).read_text() == '{\n  "x": 1\n}\n'
+    for name in ("a" * 245 + ".json", "é" * 120 + ".json", f"sub/{'b' * 250}.csv"):
+        with pytest.raises(ResweepError, match=r"is longer than 231 bytes .*give a shorter name"):
+            writer.write_json(name, {"x": 1})
+    assert sorted(p.name for p in (tmp_path / "hooks" / "audit").iterdir()) == [fits]
