@@ -129,6 +129,37 @@ def test_an_unknown_id_is_one_line_listing_the_known_ones(
     assert not (tmp_path / "out" / "experiment.yaml").exists()
 
 
+def test_an_entry_point_named_like_a_builtin_backend_is_listed_as_shadowed(
+    tmp_path: Path, site: Path, write_script: Any
+) -> None:
+    """A package's backend `loky` never replaces resweep's own: `plugins` says it is shadowed,
+    and the known backends name loky once."""
+    install_package(
+        site,
+        "shadow",
+        "2.0",
+        {"shadowplug": PACKAGE},
+        "[resweep.backends]\nloky = shadowplug:cluster\n",
+    )
+    script = write_script(SCRIPT)
+    env = plugin_env(site, tmp_path)
+    listed = run_script(script, "plugins", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert (
+        "  loky  shadowplug:cluster  (shadow 2.0)  shadowed: resweep's own loky is used"
+        in listed.stdout.splitlines()
+    )
+    proc = run_script(script, "run", "--backend", "nope", env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "error: unknown backend 'nope'; known backends: loky, threading, sequential, dask, "
+        "tiny-cluster"
+    )
+    proc = run_script(script, "run", "--backend", "loky", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "mark.txt").exists()  # the package's factory never ran
+
+
 def test_register_hook_and_backend_at_run_time(tmp_path: Path) -> None:
     """register_hook and register_backend make ids usable in this process, like entry points."""
     made: list[int] = []
