@@ -606,3 +606,62 @@ def test_an_artifact_name_near_the_file_name_limit_is_a_clear_error(tmp_path: Pa
         with pytest.raises(ResweepError, match=r"is longer than 231 bytes .*give a shorter name"):
             writer.write_json(name, {"x": 1})
     assert sorted(p.name for p in (tmp_path / "hooks" / "audit").iterdir()) == [fits]
+
+
+class Vandal:
+    """A hook that changes everything it is handed."""
+
+    def on_config_start(self, context: resweep.HookContext) -> None:
+        assert context.params is not None
+        context.params["lr"] = 12345  # type: ignore[index]
+        context.settings["nested"]["x"] = "changed"
+        context.extensions["team"]["channel"] = "#changed"  # type: ignore[index]
+
+    def on_config_end(self, context: resweep.HookContext, outcome: resweep.ConfigOutcome) -> None:
+        assert context.params is not None
+        context.params["lr"] = 12345  # type: ignore[index]
+        context.params["opt"]["momentum"] = -1  # type: ignore[index]
+        outcome.result["score"] = -1
+        outcome.result["curve"].append(99)
+
+
+def test_hooks_get_copies_and_cannot_change_the_state(tmp_path: Path) -> None:
+    """A hook that changes the params, the result or the extensions it is handed changes its own
+    copies: the state, summary.csv, the user's extensions and the next hook's view stay as they
+    were, and the next run accepts the directory."""
+    seen: list[tuple[Any, Any, Any]] = []
+
+    def watcher(event: str, context: resweep.HookContext, payload: Any = None) -> None:
+        if event == "on_config_end":
+            seen.append((context.params, payload.result, context.extensions))
+
+    extensions = {"test_hooks.Vandal": {"nested": {"x": 1}}, "team": {"channel": "#ml"}}
+    configs = [{"lr": 0.1, "opt": {"momentum": 0.9}}, {"lr": 0.01, "opt": {"momentum": 0.5}}]
+
+    def score(config: dict[str, Any]) -> dict[str, Any]:
+        return {"score": config["lr"] * 10, "curve": [1, 2]}
+
+    def experiment() -> resweep.Experiment:
+        return resweep.Experiment(
+            function=score,
+            configs=configs,
+            output_dir=tmp_path / "out",
+            hooks=[Vandal, watcher],
+            extensions=extensions,
+        )
+
+    first = experiment()
+    assert first.run(backend="threading", progress=False).done == 2
+    state = first.read_state()
+    by_lr = {r["params"]["lr"]: r for r in state.configs.values()}
+    assert set(by_lr) == {0.1, 0.01}
+    assert by_lr[0.1]["params"]["opt"] == {"momentum": 0.9}
+    assert by_lr[0.1]["result"] == {"score": 1.0, "curve": [1, 2]}
+    summary = (tmp_path / "out" / "summary.csv").read_text()
+    assert "12345" not in summary and "-1" not in summary and "99" not in summary
+    assert extensions == {"test_hooks.Vandal": {"nested": {"x": 1}}, "team": {"channel": "#ml"}}
+    for params, result, seen_extensions in seen:
+        assert params["lr"] in (0.1, 0.01) and params["opt"]["momentum"] in (0.9, 0.5)
+        assert result["curve"] == [1, 2] and result["score"] in (1.0, 0.1)
+        assert seen_extensions == extensions
+    assert experiment().run(backend="threading", progress=False).exit_code == 0

@@ -16,6 +16,8 @@ context.artifacts.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -129,6 +131,21 @@ class Hook:
             return call
         method = getattr(self.target, event, None)
         return method if callable(method) else None
+
+
+def _copied(value: Any) -> Any:
+    """A deep copy for a hook to change freely: the state's records and the user's settings
+    stay as they are. What cannot be copied (a client in extensions) is handed as it is, the
+    dicts and lists around it copied."""
+    try:
+        return copy.deepcopy(value)
+    except Exception:
+        if isinstance(value, Mapping):
+            return {key: _copied(item) for key, item in value.items()}
+        if isinstance(value, list | tuple | set):
+            items = [_copied(item) for item in value]
+            return type(value)(items) if type(value) in (list, tuple, set) else items
+        return value
 
 
 def _qualified(obj: Any) -> str:
@@ -252,6 +269,9 @@ class Hooks:
         return any(hook.handler(event) is not None for hook in self.hooks)
 
     def context(self, hook: Hook, **config: Any) -> HookContext:
+        """What one hook is told: copies of params and extensions, its own to change."""
+        if config.get("params") is not None:
+            config["params"] = _copied(config["params"])
         return HookContext(
             hook=hook.id,
             session=self.session,
@@ -259,7 +279,7 @@ class Hooks:
             output_dir=self.output_dir,
             backend=self.backend,
             max_workers=self.max_workers,
-            extensions=self.extensions,
+            extensions=_copied(self.extensions),
             fingerprint=self.fingerprint,
             **config,
         )
@@ -274,6 +294,9 @@ class Hooks:
             try:
                 if event in ("on_run_start", "on_config_start"):
                     handler(context)
+                elif isinstance(payload, ConfigOutcome):
+                    # The result as the state holds it: each hook gets a copy of its own.
+                    handler(context, dataclasses.replace(payload, result=_copied(payload.result)))
                 else:
                     handler(context, payload)
             except (Exception, SystemExit, GeneratorExit) as error:
