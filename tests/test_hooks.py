@@ -6,7 +6,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import yaml
@@ -304,7 +304,7 @@ class Misnamed:
 class CalledHook:
     """A class whose instances are function hooks: it defines __call__ and no event."""
 
-    heard: list[str] = []
+    heard: ClassVar[list[str]] = []
 
     def __call__(self, event: str, context: resweep.HookContext, payload: Any = None) -> None:
         self.heard.append(event)
