@@ -665,3 +665,71 @@ def test_hooks_get_copies_and_cannot_change_the_state(tmp_path: Path) -> None:
         assert result["curve"] == [1, 2] and result["score"] in (1.0, 0.1)
         assert seen_extensions == extensions
     assert experiment().run(backend="threading", progress=False).exit_code == 0
+
+
+heard_once: list[str] = []
+
+
+def counting_hook(event: str, context: resweep.HookContext, payload: Any = None) -> None:
+    heard_once.append(f"{context.hook} {event} {dict(context.settings)}")
+
+
+@pytest.mark.parametrize("own", ["counting", "test_hooks.counting_hook", counting_hook])
+def test_a_hook_declared_by_the_experiment_and_its_sweep_file_runs_once(
+    tmp_path: Path, own: Any
+) -> None:
+    """The experiment and its sweep file naming the same hook (its id or its dotted path) load
+    it once, with its settings."""
+    resweep.register_hook("counting", counting_hook)
+    listed = own if isinstance(own, str) else "test_hooks.counting_hook"
+    hook_id = own if isinstance(own, str) else "test_hooks.counting_hook"
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"base: {{a: 1}}\nhooks: [{listed}]\nextensions:\n  {hook_id}: {{level: 3}}\n")
+    heard_once.clear()
+    experiment = resweep.Experiment(
+        function=lambda c: {"ok": 1},
+        configs=resweep.load_configs(sweep),
+        output_dir=tmp_path / "out",
+        hooks=[own],
+    )
+    experiment.run(backend="sequential", progress=False)
+    assert heard_once == [
+        f"{hook_id} {event} {{'level': 3}}"
+        for event in ("on_run_start", "on_config_start", "on_config_end", "on_run_end")
+    ]
+
+
+@pytest.mark.parametrize(
+    "hooks", [["counting", "counting"], ["test_hooks.counting_hook", "test_hooks:counting_hook"],
+              [counting_hook, counting_hook], [CalledHook, CalledHook]],
+)  # fmt: skip
+def test_the_same_hook_twice_in_one_list_is_refused(tmp_path: Path, hooks: list[Any]) -> None:
+    """One list naming a hook twice is an error before anything runs, not a hook run twice."""
+    resweep.register_hook("counting", counting_hook)
+    experiment = resweep.Experiment(
+        function=lambda c: {"ok": 1}, configs=[{"a": 1}], output_dir=tmp_path / "out", hooks=hooks
+    )
+    with pytest.raises(ConfigError, match=r"hook '.*' is declared twice in hooks; declare it once"):
+        experiment.run(backend="sequential", progress=False)
+    assert not (tmp_path / "out").exists()
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("base: {a: 1}\nhooks: [counting, counting]\n")
+    from_file = resweep.Experiment(
+        function=lambda c: {"ok": 1},
+        configs=resweep.load_configs(sweep),
+        output_dir=tmp_path / "out",
+    )
+    with pytest.raises(ConfigError, match="'counting' is declared twice"):
+        from_file.run(backend="sequential", progress=False)
+
+
+def test_two_instances_of_one_class_are_two_hooks(tmp_path: Path) -> None:
+    """Two instances of a hook class (say, with different settings) both run, the second with
+    id <class path>-2."""
+    first, second = Recorder(tmp_path / "a.txt"), Recorder(tmp_path / "b.txt")
+    experiment = resweep.Experiment(
+        function=flaky, configs=[{"i": 0}], output_dir=tmp_path / "out", hooks=[first, second]
+    )
+    experiment.run(backend="sequential", progress=False)
+    assert events(tmp_path / "a.txt") == events(tmp_path / "b.txt") != []
+    assert {c.hook for c in second.contexts} == {"test_hooks.Recorder-2"}

@@ -200,26 +200,58 @@ def _from_target(id: str, target: Any) -> Hook:
     )
 
 
+def spec_id(spec: Any) -> str:
+    """The id a hook spec loads as: the id or path as written, else the dotted path of the
+    class or function (of an instance's class)."""
+    if isinstance(spec, str):
+        return spec
+    if inspect.isclass(spec) or inspect.isfunction(spec):
+        return _qualified(spec)
+    if isinstance(spec, functools.partial):
+        return _qualified(spec.func)
+    return _qualified(type(spec))
+
+
 def load_hook(spec: Any) -> Hook:
     """A hook from what a user wrote: an id, a dotted path, a class, a function, an instance."""
     if isinstance(spec, str):
         if "." in spec or ":" in spec:
             return _from_target(spec, _import_path(spec))
         return _from_target(spec, plugins.load("hook", spec))
-    if inspect.isclass(spec) or inspect.isfunction(spec):
-        return _from_target(_qualified(spec), spec)
-    if isinstance(spec, functools.partial):
-        return _from_target(_qualified(spec.func), spec)
-    return _from_target(_qualified(type(spec)), spec)
+    return _from_target(spec_id(spec), spec)
+
+
+def merge_hooks(own: Sequence[Any], from_file: Sequence[Any]) -> list[Any]:
+    """An experiment's hooks, then those of its sweep file that it does not declare already: a
+    file's id or dotted path naming one of the experiment's hooks would run it twice."""
+    declared = {spec_id(spec).replace(":", ".") for spec in own}
+    return [
+        *own,
+        *(s for s in from_file if not (isinstance(s, str) and s.replace(":", ".") in declared)),
+    ]
 
 
 def load_hooks(specs: Sequence[Any]) -> list[Hook]:
-    """Every hook loaded, each with an id of its own (a repeated one gets -2, -3, ...)."""
+    """Every hook loaded, each with an id of its own (a repeated one gets -2, -3, ...).
+
+    The same id, path or object twice is refused: it would run twice, the second reading no
+    settings. Two instances of one class are two hooks, the second with id <class path>-2.
+    """
     if isinstance(specs, str | bytes) or not isinstance(specs, Sequence):
         raise ConfigError(f"hooks must be a list, not {type(specs).__name__}")
     loaded: list[Hook] = []
     seen: Counter[str] = Counter()
+    paths: set[str] = set()
+    objects: list[Any] = []
     for spec in specs:
+        if isinstance(spec, str):
+            repeated = spec.replace(":", ".") in paths
+            paths.add(spec.replace(":", "."))
+        else:
+            repeated = any(given is spec for given in objects)
+            objects.append(spec)
+        if repeated:
+            raise ConfigError(f"hook {spec_id(spec)!r} is declared twice in hooks; declare it once")
         hook = load_hook(spec)
         seen[hook.id] += 1
         if seen[hook.id] > 1:
