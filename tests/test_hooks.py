@@ -5,6 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -733,3 +737,76 @@ def test_two_instances_of_one_class_are_two_hooks(tmp_path: Path) -> None:
     experiment.run(backend="sequential", progress=False)
     assert events(tmp_path / "a.txt") == events(tmp_path / "b.txt") != []
     assert {c.hook for c in second.contexts} == {"test_hooks.Recorder-2"}
+
+
+HANGING_SCRIPT = """
+SIDE = os.path.dirname(os.path.abspath(__file__))
+
+
+def work(config):
+    return {"i": config["i"]}
+
+
+class Hanging:
+    def on_config_end(self, context, outcome):
+        if os.environ.get("HANG"):
+            open(os.path.join(SIDE, "in_hook"), "w").close()
+            time.sleep(3600)  # a call that never returns
+
+    def on_run_end(self, context, report):
+        with open(os.path.join(SIDE, "run_end.txt"), "w") as f:
+            f.write(f"{report.done} {report.signal}")
+
+
+experiment = resweep.Experiment(
+    function=work, configs=[{"i": i} for i in range(6)], output_dir=OUT, hooks=[Hanging]
+)
+"""
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("backend", ["loky", "threading"])
+@pytest.mark.parametrize("signals", [["SIGTERM"], ["SIGINT", "SIGINT"]])
+def test_a_hard_stop_interrupts_a_hanging_hook(
+    tmp_path: Path, write_script: Any, backend: str, signals: list[str]
+) -> None:
+    """SIGTERM, or a second Ctrl-C, stops a run whose hook hangs, whatever the backend: the
+    state is saved with nothing left running, on_run_end hears the stop, and the exit status
+    says which signal it was."""
+    script = write_script(HANGING_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "run", "--backend", backend, "--max-workers", "2",
+         "--noprogress"],
+        cwd=tmp_path,
+        env={**os.environ, "HANG": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        wait_for_file(tmp_path / "in_hook", proc)
+        for number, name in enumerate(signals):
+            proc.send_signal(getattr(signal, name))
+            if number == 0 and len(signals) > 1:
+                # The first Ctrl-C was heard: it asked the workers to start nothing more.
+                wait_for_file(tmp_path / "out" / ".workers" / "stop", proc)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == (143 if signals == ["SIGTERM"] else 130), err
+    assert "Traceback" not in err, err
+    done, stopped_by = (tmp_path / "run_end.txt").read_text().split()
+    assert stopped_by == signals[0] and int(done) >= 1
+    statuses = {r["status"] for r in Store(tmp_path / "out").read().configs.values()}
+    assert statuses <= {"done", "todo"} and "done" in statuses
+    again = run_script(script, "run", "--backend", backend, "--noprogress")
+    assert again.returncode == 0, again.stderr

@@ -140,16 +140,21 @@ class Stop:
         self.raise_on_hard = raise_on_hard
         self.critical = 0
         self.hard_pending = False
+        # Set while hooks run in this thread: a hook that hangs yields to nothing but this.
+        self.in_hooks = False
+        # A hard stop interrupted a hook: no further config event fires in this run.
+        self.hook_interrupted = False
 
     def handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.requested or signum == signal.SIGTERM:
             self.requested = self.hard = True
             self.signal_name = name if signum == signal.SIGTERM else (self.signal_name or name)
-            if self.raise_on_hard:
+            if self.raise_on_hard or self.in_hooks:
                 if self.critical:
                     self.hard_pending = True  # raised once the state is consistent again
                 else:
+                    self.hook_interrupted = self.in_hooks
                     raise KeyboardInterrupt
             return
         self.requested = True
@@ -174,6 +179,15 @@ class Stop:
         finally:
             for s, handler in saved.items():
                 signal.signal(s, handler)
+
+    @contextlib.contextmanager
+    def hooks_running(self) -> Iterator[None]:
+        """Hooks run in here: a hard stop raises KeyboardInterrupt in them, whatever the pool."""
+        self.in_hooks = True
+        try:
+            yield
+        finally:
+            self.in_hooks = False
 
     @contextlib.contextmanager
     def critical_section(self) -> Iterator[None]:
@@ -437,6 +451,13 @@ class Scheduler:
         hooks = self.hooks
         if not hooks:
             return
+        with self.stop.hooks_running():
+            self._fire_hooks(hooks, synced=synced)
+        if hooks.failure is not None and not self.halted:
+            self.halted = True
+            request_stop(self.job.output_dir)
+
+    def _fire_hooks(self, hooks: Hooks, *, synced: bool) -> None:
         if self.in_flight and hooks.wants("on_config_start"):
             executing = self.pool.executing() or set()
             # A retry's start waits for the end of the attempt before it, still to be synced.
@@ -458,9 +479,6 @@ class Scheduler:
                     worker=worker,
                     params=params,
                 )
-        if hooks.failure is not None and not self.halted:
-            self.halted = True
-            request_stop(self.job.output_dir)
 
     def run(self) -> None:
         ended = False  # the loop ran out of work, with no exception on its way out
@@ -743,7 +761,7 @@ def _run_pool(
         )
         with routed_output():
             scheduler.run()
-        if scheduler.hooks_ended:
+        if scheduler.hooks_ended and not scheduler.stop.hook_interrupted:
             writer.write(sync=True)  # on_config_end comes after the record is synced
             scheduler.fire_hooks(synced=True)
         hooks.check()
