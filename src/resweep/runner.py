@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from resweep import cache, planning, provenance
 from resweep.clock import now_iso
 from resweep.durable import fault_text, write_atomic
-from resweep.errors import HookError, ResweepError
+from resweep.errors import HookError, PluginError, ResweepError
 from resweep.files import (
     CONFIGS_DIR,
     RESULTS_DIR,
@@ -794,6 +794,8 @@ def write_run_failure(store: Store, error: BaseException) -> None:
     """Leave the reason a run stopped on its own error next to the saved state."""
     if isinstance(error, HookError):
         text = f"{now_iso()} run stopped by a hook that raised\n{error.detail}"
+    elif isinstance(error, PluginError) and error.detail:
+        text = f"{now_iso()} run stopped by a plugin backend that raised\n{error.detail}"
     elif isinstance(error, KeyboardInterrupt | ResweepError):
         return  # a stop, or an error resweep says in one line: nothing inside resweep failed
     else:
