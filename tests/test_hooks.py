@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import yaml
@@ -364,20 +368,69 @@ def test_replay_fires_no_hooks_unless_asked_to(tmp_path: Path) -> None:
     assert events(log)[-1] == ["on_error", "ValueError"]
 
 
+class Misnamed:
+    """A hook class whose only method is a typo of on_run_end."""
+
+    def on_run_finish(self, context: resweep.HookContext, report: resweep.RunReport) -> None:
+        raise AssertionError("never an event")
+
+
+class CalledHook:
+    """A class whose instances are function hooks: it defines __call__ and no event."""
+
+    heard: ClassVar[list[str]] = []
+
+    def __call__(self, event: str, context: resweep.HookContext, payload: Any = None) -> None:
+        self.heard.append(event)
+
+
 def test_bad_hooks_are_refused_before_anything_runs(tmp_path: Path) -> None:
-    """An unknown id, a path that does not import, or an object that is no hook: one clear
-    error before the state is touched."""
+    """An unknown id, a path that does not import, an object that is no hook, or a class with no
+    event method (a typo): one clear error before the state is touched."""
     for hooks, message in (
         (["no-such-hook"], "unknown hook 'no-such-hook'; known hooks:"),
         (["no_such_module.Hook"], "cannot import no_such_module"),
         ([42], "is not a hook: give a class with on_"),
-    ):
+        ([Misnamed], r"class Misnamed defines no event method \(on_run_finish is no event\); "
+         "define any of on_run_start, on_config_start, on_config_end, on_run_end, on_error"),
+    ):  # fmt: skip
         experiment = resweep.Experiment(
             function=flaky, configs=[{"i": 0}], output_dir=tmp_path / "out", hooks=hooks
         )
         with pytest.raises(ResweepError, match=message):
             experiment.run(backend="sequential", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_class_with_no_event_is_refused_in_one_line(tmp_path: Path, write_script: Any) -> None:
+    """A hook class with only a misspelt event is exit 2 and one line naming it; a class whose
+    instances are callable is a function hook."""
+    script = write_script(
+        """
+        class Notify:
+            def on_run_finish(self, context, report):
+                pass
+
+        experiment = resweep.Experiment(
+            function=lambda c: c, configs=[{"i": 0}], output_dir=OUT, hooks=[Notify]
+        )
+        """
+    )
+    proc = run_script(script, "run", "--backend", "sequential")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        "error: hook '__main__.Notify': class Notify defines no event method (on_run_finish is "
+        "no event); define any of on_run_start, on_config_start, on_config_end, on_run_end, "
+        "on_error"
+    )
+    assert not (tmp_path / "out" / "experiment.yaml").exists()
+
+    CalledHook.heard.clear()
+    experiment = resweep.Experiment(
+        function=flaky, configs=[{"i": 0}], output_dir=tmp_path / "called", hooks=[CalledHook]
+    )
+    experiment.run(backend="sequential", progress=False)
+    assert CalledHook.heard[0] == "on_run_start" and CalledHook.heard[-1] == "on_run_end"
 
 
 FAIL_FAST_SCRIPT = """
@@ -667,3 +720,274 @@ def test_an_artifact_directory_that_is_a_link_is_refused(tmp_path: Path) -> None
     with pytest.raises(ResweepError, match="symbolic link"):
         writer.write_json("a.json", {})
     assert list(elsewhere.iterdir()) == []
+
+
+# -- hooks that misbehave ----------------------------------------------------------------------
+
+
+EXITING_SCRIPT = """
+SIDE = os.path.dirname(os.path.abspath(__file__))
+
+
+def work(config):
+    return {"i": config["i"]}
+
+
+def heard(event, context, payload=None):
+    with open(os.path.join(SIDE, "events.txt"), "a") as f:
+        f.write(event + "\\n")
+
+
+class Quitter:
+    def on_config_end(self, context, outcome):
+        if context.config == "i=1":
+            sys.exit(int(os.environ["EXIT_CODE"]))
+
+
+experiment = resweep.Experiment(
+    function=work,
+    configs=[{"i": i} for i in range(4)],
+    output_dir=OUT,
+    hooks=[Quitter, heard],
+    hooks_fail_fast=bool(os.environ.get("FAIL_FAST")),
+)
+"""
+
+
+@pytest.mark.parametrize("code", ["0", "3"])
+def test_sys_exit_in_a_hook_is_a_hook_failure(tmp_path: Path, write_script: Any, code: str) -> None:
+    """sys.exit() in a hook does not end the run with its status: with fail_fast it stops the
+    run like any raising hook (exit 1, one line, on_error heard); without, it is logged."""
+    script = write_script(EXITING_SCRIPT)
+    env = {"EXIT_CODE": code, "FAIL_FAST": "1"}
+    proc = run_script(script, "run", "--backend", "sequential", "--noprogress", env=env)
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "hook '__main__.Quitter' raised in on_config_end for config 'i=1'" in errors[0]
+    assert "SystemExit" in errors[0] and "hooks fail_fast is on" in errors[0]
+    failure = (tmp_path / "out" / RUN_FAILURE_FILE).read_text()
+    assert "run stopped by a hook that raised" in failure and "SystemExit" in failure
+    assert (tmp_path / "events.txt").read_text().splitlines()[-1] == "on_error"
+
+    (tmp_path / "events.txt").unlink()
+    shutil.rmtree(tmp_path / "out")
+    env = {"EXIT_CODE": code, "FAIL_FAST": ""}
+    proc = run_script(script, "run", "--backend", "sequential", "--noprogress", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "raised in on_config_end for config 'i=1'" in proc.stderr
+    assert "SystemExit" in proc.stderr and "the run goes on" in proc.stderr
+    assert (tmp_path / "events.txt").read_text().splitlines()[-1] == "on_run_end"
+    assert Store(tmp_path / "out").read().counts()["done"] == 4
+
+
+def test_an_artifact_name_near_the_file_name_limit_is_a_clear_error(tmp_path: Path) -> None:
+    """A name whose temporary file (".name.pid.tmp") would pass 255 bytes is refused by name,
+    not by an OSError; one that leaves room is written."""
+    writer = resweep.ArtifactWriter(tmp_path, "hooks", "audit")
+    fits = "a" * 226 + ".json"  # 231 bytes
+    assert writer.write_json(fits, {"x": 1}).read_text() == '{\n  "x": 1\n}\n'
+    for name in ("a" * 245 + ".json", "é" * 120 + ".json", f"sub/{'b' * 250}.csv"):
+        with pytest.raises(ResweepError, match=r"is longer than 231 bytes .*give a shorter name"):
+            writer.write_json(name, {"x": 1})
+    assert sorted(p.name for p in (tmp_path / "hooks" / "audit").iterdir()) == [fits]
+
+
+class Vandal:
+    """A hook that changes everything it is handed."""
+
+    def on_config_start(self, context: resweep.HookContext) -> None:
+        assert context.params is not None
+        context.params["lr"] = 12345  # type: ignore[index]
+        context.settings["nested"]["x"] = "changed"
+        context.extensions["team"]["channel"] = "#changed"  # type: ignore[index]
+
+    def on_config_end(self, context: resweep.HookContext, outcome: resweep.ConfigOutcome) -> None:
+        assert context.params is not None
+        context.params["lr"] = 12345  # type: ignore[index]
+        context.params["opt"]["momentum"] = -1  # type: ignore[index]
+        outcome.result["score"] = -1
+        outcome.result["curve"].append(99)
+
+
+def test_hooks_get_copies_and_cannot_change_the_state(tmp_path: Path) -> None:
+    """A hook that changes the params, the result or the extensions it is handed changes its own
+    copies: the state, summary.csv, the user's extensions and the next hook's view stay as they
+    were, and the next run accepts the directory."""
+    seen: list[tuple[Any, Any, Any]] = []
+
+    def watcher(event: str, context: resweep.HookContext, payload: Any = None) -> None:
+        if event == "on_config_end":
+            seen.append((context.params, payload.result, context.extensions))
+
+    extensions = {"test_hooks.Vandal": {"nested": {"x": 1}}, "team": {"channel": "#ml"}}
+    configs = [{"lr": 0.1, "opt": {"momentum": 0.9}}, {"lr": 0.01, "opt": {"momentum": 0.5}}]
+
+    def score(config: dict[str, Any]) -> dict[str, Any]:
+        return {"score": config["lr"] * 10, "curve": [1, 2]}
+
+    def experiment() -> resweep.Experiment:
+        return resweep.Experiment(
+            function=score,
+            configs=configs,
+            output_dir=tmp_path / "out",
+            hooks=[Vandal, watcher],
+            extensions=extensions,
+        )
+
+    first = experiment()
+    assert first.run(backend="threading", progress=False).done == 2
+    state = first.read_state()
+    by_lr = {r["params"]["lr"]: r for r in state.configs.values()}
+    assert set(by_lr) == {0.1, 0.01}
+    assert by_lr[0.1]["params"]["opt"] == {"momentum": 0.9}
+    assert by_lr[0.1]["result"] == {"score": 1.0, "curve": [1, 2]}
+    summary = (tmp_path / "out" / "summary.csv").read_text()
+    assert "12345" not in summary and "-1" not in summary and "99" not in summary
+    assert extensions == {"test_hooks.Vandal": {"nested": {"x": 1}}, "team": {"channel": "#ml"}}
+    for params, result, seen_extensions in seen:
+        assert params["lr"] in (0.1, 0.01) and params["opt"]["momentum"] in (0.9, 0.5)
+        assert result["curve"] == [1, 2] and result["score"] in (1.0, 0.1)
+        assert seen_extensions == extensions
+    assert experiment().run(backend="threading", progress=False).exit_code == 0
+
+
+heard_once: list[str] = []
+
+
+def counting_hook(event: str, context: resweep.HookContext, payload: Any = None) -> None:
+    heard_once.append(f"{context.hook} {event} {dict(context.settings)}")
+
+
+@pytest.mark.parametrize("own", ["counting", "test_hooks.counting_hook", counting_hook])
+def test_a_hook_declared_by_the_experiment_and_its_sweep_file_runs_once(
+    tmp_path: Path, own: Any
+) -> None:
+    """The experiment and its sweep file naming the same hook (its id or its dotted path) load
+    it once, with its settings."""
+    resweep.register_hook("counting", counting_hook)
+    listed = own if isinstance(own, str) else "test_hooks.counting_hook"
+    hook_id = own if isinstance(own, str) else "test_hooks.counting_hook"
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"base: {{a: 1}}\nhooks: [{listed}]\nextensions:\n  {hook_id}: {{level: 3}}\n")
+    heard_once.clear()
+    experiment = resweep.Experiment(
+        function=lambda c: {"ok": 1},
+        configs=resweep.load_configs(sweep),
+        output_dir=tmp_path / "out",
+        hooks=[own],
+    )
+    experiment.run(backend="sequential", progress=False)
+    assert heard_once == [
+        f"{hook_id} {event} {{'level': 3}}"
+        for event in ("on_run_start", "on_config_start", "on_config_end", "on_run_end")
+    ]
+
+
+@pytest.mark.parametrize(
+    "hooks", [["counting", "counting"], ["test_hooks.counting_hook", "test_hooks:counting_hook"],
+              [counting_hook, counting_hook], [CalledHook, CalledHook]],
+)  # fmt: skip
+def test_the_same_hook_twice_in_one_list_is_refused(tmp_path: Path, hooks: list[Any]) -> None:
+    """One list naming a hook twice is an error before anything runs, not a hook run twice."""
+    resweep.register_hook("counting", counting_hook)
+    experiment = resweep.Experiment(
+        function=lambda c: {"ok": 1}, configs=[{"a": 1}], output_dir=tmp_path / "out", hooks=hooks
+    )
+    with pytest.raises(ConfigError, match=r"hook '.*' is declared twice in hooks; declare it once"):
+        experiment.run(backend="sequential", progress=False)
+    assert not (tmp_path / "out").exists()
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("base: {a: 1}\nhooks: [counting, counting]\n")
+    from_file = resweep.Experiment(
+        function=lambda c: {"ok": 1},
+        configs=resweep.load_configs(sweep),
+        output_dir=tmp_path / "out",
+    )
+    with pytest.raises(ConfigError, match="'counting' is declared twice"):
+        from_file.run(backend="sequential", progress=False)
+
+
+def test_two_instances_of_one_class_are_two_hooks(tmp_path: Path) -> None:
+    """Two instances of a hook class (say, with different settings) both run, the second with
+    id <class path>-2."""
+    first, second = Recorder(tmp_path / "a.txt"), Recorder(tmp_path / "b.txt")
+    experiment = resweep.Experiment(
+        function=flaky, configs=[{"i": 0}], output_dir=tmp_path / "out", hooks=[first, second]
+    )
+    experiment.run(backend="sequential", progress=False)
+    assert events(tmp_path / "a.txt") == events(tmp_path / "b.txt") != []
+    assert {c.hook for c in second.contexts} == {"test_hooks.Recorder-2"}
+
+
+HANGING_SCRIPT = """
+SIDE = os.path.dirname(os.path.abspath(__file__))
+
+
+def work(config):
+    return {"i": config["i"]}
+
+
+class Hanging:
+    def on_config_end(self, context, outcome):
+        if os.environ.get("HANG"):
+            open(os.path.join(SIDE, "in_hook"), "w").close()
+            time.sleep(3600)  # a call that never returns
+
+    def on_run_end(self, context, report):
+        with open(os.path.join(SIDE, "run_end.txt"), "w") as f:
+            f.write(f"{report.done} {report.signal}")
+
+
+experiment = resweep.Experiment(
+    function=work, configs=[{"i": i} for i in range(6)], output_dir=OUT, hooks=[Hanging]
+)
+"""
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("backend", ["loky", "threading"])
+@pytest.mark.parametrize("signals", [["SIGTERM"], ["SIGINT", "SIGINT"]])
+def test_a_hard_stop_interrupts_a_hanging_hook(
+    tmp_path: Path, write_script: Any, backend: str, signals: list[str]
+) -> None:
+    """SIGTERM, or a second Ctrl-C, stops a run whose hook hangs, whatever the backend: the
+    state is saved with nothing left running, on_run_end hears the stop, and the exit status
+    says which signal it was."""
+    script = write_script(HANGING_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "run", "--backend", backend, "--max-workers", "2",
+         "--noprogress"],
+        cwd=tmp_path,
+        env={**os.environ, "HANG": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        wait_for_file(tmp_path / "in_hook", proc)
+        for number, name in enumerate(signals):
+            proc.send_signal(getattr(signal, name))
+            if number == 0 and len(signals) > 1:
+                # The first Ctrl-C was heard: it asked the workers to start nothing more.
+                wait_for_file(tmp_path / "out" / ".workers" / "stop", proc)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == (143 if signals == ["SIGTERM"] else 130), err
+    assert "Traceback" not in err, err
+    done, stopped_by = (tmp_path / "run_end.txt").read_text().split()
+    assert stopped_by == signals[0] and int(done) >= 1
+    statuses = {r["status"] for r in Store(tmp_path / "out").read().configs.values()}
+    assert statuses <= {"done", "todo"} and "done" in statuses
+    again = run_script(script, "run", "--backend", backend, "--noprogress")
+    assert again.returncode == 0, again.stderr

@@ -19,7 +19,9 @@ from resweep.files import HOOKS_DIR
 # A part of an artifact's path: no separator, no control character, not hidden (write_atomic's
 # temporary files start with a dot), not a relative directory.
 _UNSAFE_PART = re.compile(r"[/\\\x00-\x1f\x7f]")
-MAX_PART_BYTES = 255
+# A file name's limit (255 bytes) less the room write_atomic's temporary name takes around it:
+# ".{name}.{pid}.tmp".
+MAX_PART_BYTES = 255 - 24
 
 
 def check_part(part: object, what: str = "artifact path") -> str:
@@ -34,7 +36,10 @@ def check_part(part: object, what: str = "artifact path") -> str:
     elif _UNSAFE_PART.search(part):
         problem = "contains '/', '\\' or a control character"
     elif len(part.encode("utf-8", "surrogatepass")) > MAX_PART_BYTES:
-        problem = f"is longer than {MAX_PART_BYTES} bytes"
+        problem = (
+            f"is longer than {MAX_PART_BYTES} bytes (a file name's 255 less room for the "
+            "temporary file written first); give a shorter name"
+        )
     if problem or not isinstance(part, str):
         raise ResweepError(f"{what}: {part!r} {problem}")
     return part

@@ -376,7 +376,10 @@ class CLI:
             if not found and kind == "hook":
                 print("  none installed")
             for plugin in found:
-                print(f"  {plugin.id}  {plugin.target}  ({plugin.source})")
+                shadowed = (
+                    f"  shadowed: resweep's own {plugin.id} is used" if plugin.shadowed else ""
+                )
+                print(f"  {plugin.id}  {plugin.target}  ({plugin.source}){shadowed}")
 
 
 def _print_user_traceback(error: BaseException) -> None:

@@ -57,7 +57,13 @@ class HookError(ResweepError):
 
 
 class PluginError(ResweepError):
-    """A hook or backend id that no plugin provides, or a plugin that cannot be loaded."""
+    """A hook or backend id that no plugin provides, a plugin that cannot be loaded, or a plugin
+    backend that raised while the run used it (exit 2)."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        # The plugin's traceback, for run_failure.txt, when it raised during a run.
+        self.detail = detail
 
 
 class ResweepWarning(UserWarning):

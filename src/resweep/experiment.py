@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from resweep import identity, provenance
 from resweep.errors import ConfigError, ResweepError
-from resweep.hooks import HookSpecs
+from resweep.hooks import HookSpecs, merge_hooks
 from resweep.identity import NamedConfig
 from resweep.options import Backend, RunOptions
 from resweep.selection import Selection
@@ -86,7 +86,7 @@ class Experiment:
         if fail_fast is None:
             fail_fast = sweep.hooks_fail_fast if sweep.hooks_fail_fast is not None else True
         return HookSpecs(
-            hooks=[*self.hooks, *sweep.hooks],
+            hooks=merge_hooks(self.hooks, sweep.hooks),
             fail_fast=fail_fast,
             extensions={**sweep.extensions, **(self.extensions or {})},
         )

@@ -16,6 +16,8 @@ context.artifacts.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -132,6 +134,21 @@ class Hook:
         return method if callable(method) else None
 
 
+def _copied(value: Any) -> Any:
+    """A deep copy for a hook to change freely: the state's records and the user's settings
+    stay as they are. What cannot be copied (a client in extensions) is handed as it is, the
+    dicts and lists around it copied."""
+    try:
+        return copy.deepcopy(value)
+    except Exception:
+        if isinstance(value, Mapping):
+            return {key: _copied(item) for key, item in value.items()}
+        if isinstance(value, list | tuple | set):
+            items = [_copied(item) for item in value]
+            return type(value)(items) if type(value) in (list, tuple, set) else items
+        return value
+
+
 def _qualified(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}"
 
@@ -157,11 +174,21 @@ def _import_path(path: str) -> Any:
 
 def _from_target(id: str, target: Any) -> Hook:
     if inspect.isclass(target):
+        if not any(callable(getattr(target, event, None)) for event in EVENTS) and not any(
+            "__call__" in vars(base) for base in inspect.getmro(target)
+        ):
+            # A typo (on_run_finish) would leave a hook that never fires: refuse it now.
+            others = sorted(n for n in vars(target) if n.startswith("on_"))
+            defined = f" ({', '.join(others)} is no event)" if others else ""
+            raise ConfigError(
+                f"hook {id!r}: class {target.__qualname__} defines no event method{defined}; "
+                f"define any of {', '.join(EVENTS)}"
+            )
         try:
             instance = target()
         except ResweepError:
             raise
-        except Exception as error:
+        except (Exception, SystemExit) as error:
             raise ConfigError(
                 f"hook {id!r}: {target.__qualname__}() failed: {type(error).__name__}: {error}"
             ) from None
@@ -174,26 +201,58 @@ def _from_target(id: str, target: Any) -> Hook:
     )
 
 
+def spec_id(spec: Any) -> str:
+    """The id a hook spec loads as: the id or path as written, else the dotted path of the
+    class or function (of an instance's class)."""
+    if isinstance(spec, str):
+        return spec
+    if inspect.isclass(spec) or inspect.isfunction(spec):
+        return _qualified(spec)
+    if isinstance(spec, functools.partial):
+        return _qualified(spec.func)
+    return _qualified(type(spec))
+
+
 def load_hook(spec: Any) -> Hook:
     """A hook from what a user wrote: an id, a dotted path, a class, a function, an instance."""
     if isinstance(spec, str):
         if "." in spec or ":" in spec:
             return _from_target(spec, _import_path(spec))
         return _from_target(spec, plugins.load("hook", spec))
-    if inspect.isclass(spec) or inspect.isfunction(spec):
-        return _from_target(_qualified(spec), spec)
-    if isinstance(spec, functools.partial):
-        return _from_target(_qualified(spec.func), spec)
-    return _from_target(_qualified(type(spec)), spec)
+    return _from_target(spec_id(spec), spec)
+
+
+def merge_hooks(own: Sequence[Any], from_file: Sequence[Any]) -> list[Any]:
+    """An experiment's hooks, then those of its sweep file that it does not declare already: a
+    file's id or dotted path naming one of the experiment's hooks would run it twice."""
+    declared = {spec_id(spec).replace(":", ".") for spec in own}
+    return [
+        *own,
+        *(s for s in from_file if not (isinstance(s, str) and s.replace(":", ".") in declared)),
+    ]
 
 
 def load_hooks(specs: Sequence[Any]) -> list[Hook]:
-    """Every hook loaded, each with an id of its own (a repeated one gets -2, -3, ...)."""
+    """Every hook loaded, each with an id of its own (a repeated one gets -2, -3, ...).
+
+    The same id, path or object twice is refused: it would run twice, the second reading no
+    settings. Two instances of one class are two hooks, the second with id <class path>-2.
+    """
     if isinstance(specs, str | bytes) or not isinstance(specs, Sequence):
         raise ConfigError(f"hooks must be a list, not {type(specs).__name__}")
     loaded: list[Hook] = []
     seen: Counter[str] = Counter()
+    paths: set[str] = set()
+    objects: list[Any] = []
     for spec in specs:
+        if isinstance(spec, str):
+            repeated = spec.replace(":", ".") in paths
+            paths.add(spec.replace(":", "."))
+        else:
+            repeated = any(given is spec for given in objects)
+            objects.append(spec)
+        if repeated:
+            raise ConfigError(f"hook {spec_id(spec)!r} is declared twice in hooks; declare it once")
         hook = load_hook(spec)
         seen[hook.id] += 1
         if seen[hook.id] > 1:
@@ -246,6 +305,9 @@ class Hooks:
         return any(hook.handler(event) is not None for hook in self.hooks)
 
     def context(self, hook: Hook, **config: Any) -> HookContext:
+        """What one hook is told: copies of params and extensions, its own to change."""
+        if config.get("params") is not None:
+            config["params"] = _copied(config["params"])
         return HookContext(
             hook=hook.id,
             session=self.session,
@@ -253,7 +315,7 @@ class Hooks:
             output_dir=self.output_dir,
             backend=self.backend,
             max_workers=self.max_workers,
-            extensions=self.extensions,
+            extensions=_copied(self.extensions),
             fingerprint=self.fingerprint,
             **config,
         )
@@ -268,9 +330,14 @@ class Hooks:
             try:
                 if event in ("on_run_start", "on_config_start"):
                     handler(context)
+                elif isinstance(payload, ConfigOutcome):
+                    # The result as the state holds it: each hook gets a copy of its own.
+                    handler(context, dataclasses.replace(payload, result=_copied(payload.result)))
                 else:
                     handler(context, payload)
-            except Exception as error:
+            except (Exception, SystemExit, GeneratorExit) as error:
+                # sys.exit() in a hook is a hook failure like any other: it must not end the run
+                # with that status, unheard by on_error and on_run_end.
                 if isinstance(error, PluginError) and event == "on_run_start":
                     raise  # a hook that cannot work here (no store, say): a bad setup, exit 2
                 self._raised(hook, event, context, error)
@@ -301,7 +368,7 @@ class Hooks:
             self._in_error = False
         self._report_repeats()
 
-    def _raised(self, hook: Hook, event: str, context: HookContext, error: Exception) -> None:
+    def _raised(self, hook: Hook, event: str, context: HookContext, error: BaseException) -> None:
         where = f"hook {hook.id!r} raised in {event}"
         if context.config is not None:
             where += f" for config {context.config!r} (attempt {context.attempt})"

@@ -27,6 +27,8 @@ class Plugin:
     target: str
     # The distribution that declares it, "name version"; "registered" for register_*.
     source: str
+    # An entry point with the id of one of resweep's own backends: never used, only listed.
+    shadowed: bool = False
 
 
 def register_hook(id: str, factory: Callable[..., Any]) -> None:
@@ -72,13 +74,14 @@ def installed(kind: Kind) -> list[Plugin]:
         for id, factory in _registered[kind].items()
     }
     for id, point in _entry_points(kind).items():
-        plugins.setdefault(id, Plugin(kind, id, point.value, _source(point)))
+        shadowed = kind == "backend" and id in BUILTIN_BACKENDS
+        plugins.setdefault(id, Plugin(kind, id, point.value, _source(point), shadowed))
     return [plugins[id] for id in sorted(plugins)]
 
 
 def known_ids(kind: Kind) -> list[str]:
-    """The ids a kind accepts: for backends, resweep's own first."""
-    ids = [p.id for p in installed(kind)]
+    """The ids a kind accepts, each once: for backends, resweep's own first."""
+    ids = [p.id for p in installed(kind) if not p.shadowed]
     return [*BUILTIN_BACKENDS, *ids] if kind == "backend" else ids
 
 
@@ -99,7 +102,7 @@ def load(kind: Kind, id: str) -> Callable[..., Any]:
         raise PluginError(f"unknown {kind} {id!r}; known {kind}s: {known}")
     try:
         loaded: Callable[..., Any] = point.load()
-    except Exception as error:
+    except (Exception, SystemExit) as error:  # a module that calls sys.exit() as it loads
         raise PluginError(
             f"{kind} {id!r} from {_source(point)} cannot be loaded ({point.value}): "
             f"{type(error).__name__}: {error}"

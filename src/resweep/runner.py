@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from resweep import cache, planning, provenance, status
 from resweep.clock import now_iso
 from resweep.durable import fault_text, write_atomic
-from resweep.errors import HookError, ResweepError
+from resweep.errors import HookError, PluginError, ResweepError
 from resweep.files import (
     CONFIGS_DIR,
     RESULTS_DIR,
@@ -153,16 +153,21 @@ class Stop:
         self.raise_on_hard = raise_on_hard
         self.critical = 0
         self.hard_pending = False
+        # Set while hooks run in this thread: a hook that hangs yields to nothing but this.
+        self.in_hooks = False
+        # A hard stop interrupted a hook: no further config event fires in this run.
+        self.hook_interrupted = False
 
     def handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.requested or signum == signal.SIGTERM:
             self.requested = self.hard = True
             self.signal_name = name if signum == signal.SIGTERM else (self.signal_name or name)
-            if self.raise_on_hard:
+            if self.raise_on_hard or self.in_hooks:
                 if self.critical:
                     self.hard_pending = True  # raised once the state is consistent again
                 else:
+                    self.hook_interrupted = self.in_hooks
                     raise KeyboardInterrupt
             return
         self.requested = True
@@ -189,6 +194,15 @@ class Stop:
         finally:
             for s, handler in saved.items():
                 signal.signal(s, handler)
+
+    @contextlib.contextmanager
+    def hooks_running(self) -> Iterator[None]:
+        """Hooks run in here: a hard stop raises KeyboardInterrupt in them, whatever the pool."""
+        self.in_hooks = True
+        try:
+            yield
+        finally:
+            self.in_hooks = False
 
     @contextlib.contextmanager
     def critical_section(self) -> Iterator[None]:
@@ -613,6 +627,13 @@ class Scheduler:
         hooks = self.hooks
         if not hooks:
             return
+        with self.stop.hooks_running():
+            self._fire_hooks(hooks, synced=synced)
+        if hooks.failure is not None and not self.halted:
+            self.halted = True
+            request_stop(self.job.output_dir)
+
+    def _fire_hooks(self, hooks: Hooks, *, synced: bool) -> None:
         if self.in_flight and hooks.wants("on_config_start"):
             executing = self.pool.executing() or set()
             # A retry's start waits for the end of the attempt before it, still to be synced.
@@ -634,9 +655,6 @@ class Scheduler:
                     worker=worker,
                     params=params,
                 )
-        if hooks.failure is not None and not self.halted:
-            self.halted = True
-            request_stop(self.job.output_dir)
 
     def run(self) -> None:
         ended = False  # the loop ran out of work, with no exception on its way out
@@ -929,7 +947,7 @@ def _run_pool(
         )
         with routed_output():
             scheduler.run()
-        if scheduler.hooks_ended:
+        if scheduler.hooks_ended and not scheduler.stop.hook_interrupted:
             writer.write(sync=True)  # on_config_end comes after the record is synced
             scheduler.fire_hooks(synced=True)
         hooks.check()
@@ -962,6 +980,8 @@ def write_run_failure(store: Store, error: BaseException) -> None:
     """Leave the reason a run stopped on its own error next to the saved state."""
     if isinstance(error, HookError):
         text = f"{now_iso()} run stopped by a hook that raised\n{error.detail}"
+    elif isinstance(error, PluginError) and error.detail:
+        text = f"{now_iso()} run stopped by a plugin backend that raised\n{error.detail}"
     elif isinstance(error, KeyboardInterrupt | ResweepError):
         return  # a stop, or an error resweep says in one line: nothing inside resweep failed
     else:

@@ -6,6 +6,7 @@ from resweep import plugins
 from resweep.errors import PluginError
 from resweep.options import BACKENDS, RunOptions
 from resweep.pools.base import Pool
+from resweep.pools.plugin import PluginPool
 
 
 def open_pool(options: RunOptions) -> Pool:
@@ -19,18 +20,20 @@ def open_pool(options: RunOptions) -> Pool:
             pool: Pool = factory(options)
         except PluginError:
             raise
-        except Exception as error:
+        except (Exception, SystemExit) as error:
             raise PluginError(
                 f"backend {options.backend!r} could not start a pool: {type(error).__name__}: "
                 f"{error}"
             ) from error
         missing = [m for m in _POOL_METHODS if not callable(getattr(pool, m, None))]
+        missing += [a for a in ("inline", "isolates_batches") if not hasattr(pool, a)]
         if missing:
             raise PluginError(
                 f"backend {options.backend!r} returned a {type(pool).__name__}, which lacks "
-                f"the Pool methods {', '.join(missing)} (see resweep.pools.base.Pool)"
+                f"the Pool members {', '.join(missing)} (see resweep.pools.base.Pool)"
             )
-        return pool
+        # Held to the interface: what it raises or hands back amiss is one line naming it.
+        return PluginPool(pool, options.backend)
     if options.backend == "dask":
         from resweep.pools.dask import DaskPool
 
