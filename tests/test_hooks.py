@@ -272,7 +272,7 @@ experiment = resweep.Experiment(
     function=lambda config: {"ok": 1},
     configs=[{"i": 0}],
     output_dir=OUT,
-    hooks=[Notify, lambda event, context, payload=None: None, Notify],
+    hooks=[Notify(), lambda event, context, payload=None: None, Notify()],
     extensions={"__main__.Notify": {"channel": "#ml"}, "Notify": {"channel": "#lost"}},
 )
 """
@@ -280,7 +280,7 @@ experiment = resweep.Experiment(
 
 def test_hooks_defined_in_a_script_have_main_ids(tmp_path: Path, write_script: Any) -> None:
     """A hook defined in the script run is __main__.<name> (a lambda __main__.<lambda>), a
-    repeat gets -2; extensions reach it under that id, and a namespace no hook has is warned of."""
+    second instance of a class gets -2; extensions reach it under that id, and a namespace no hook has is warned of."""
     script = write_script(HOOK_IDS_SCRIPT)
     proc = run_script(script, "run", "--backend", "sequential")
     assert proc.returncode == 0, proc.stderr
