@@ -551,6 +551,10 @@ def test_names_in_a_state_stay_as_configs_that_differ_in_case_come_and_go(tmp_pa
     assert _run_names(fresh, [{"x": "A"}]) == (both, 0)
     assert _run_names(fresh, [{"x": "A"}, {"x": "a"}]) == (both, 0)
     assert len({identity.fold(n) for n in both}) == 2
+    # A config replaced by its case twin: the newcomer must not share the stored one's directory.
+    swapped = tmp_path / "swapped"
+    assert _run_names(swapped, [{"x": "A"}]) == (["x=A"], 1)
+    assert _run_names(swapped, [{"x": "a"}]) == (["x=A", names[1]], 1)
 
 
 def test_a_config_with_a_dotted_key_keeps_its_readable_name_in_an_older_state(
