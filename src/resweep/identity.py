@@ -308,18 +308,16 @@ def _readable_pairs(params: Params, dotted: bool = False) -> tuple[list[str], bo
         token = _fast_token(value)
         if token is None:
             return parts, False
-        if key not in _SAFE_KEYS:
-            if not _safe_text(key):
+        if key not in _SAFE_KEYS:  # safe keys with neither a dot nor a leading '-'
+            if not _safe_text(key) or (not parts and key.startswith("-")):
                 return parts, False
-            if "." not in key:
-                if len(_SAFE_KEYS) < _STRING_TOKENS_MAX:
-                    _SAFE_KEYS.add(key)
-            elif not checked:  # a dot of nesting, or one in a key: look once
-                if _has_dotted_key(params):
-                    return [], False
-                checked = True
-        if not parts and key.startswith("-"):
-            return parts, False
+            if "." in key:
+                if not checked:  # a dot of nesting, or one in a key: look once
+                    if _has_dotted_key(params):
+                        return [], False
+                    checked = True
+            elif not key.startswith("-") and len(_SAFE_KEYS) < _STRING_TOKENS_MAX:
+                _SAFE_KEYS.add(key)
         part = f"{key}={token}"
         length += len(part) + 1
         parts.append(part)
@@ -449,7 +447,7 @@ def name_configs(
         except ConfigError as error:
             raise ConfigError(f"config #{index}: {error}") from None
         try:
-            name = naming(config) if naming else default_name(params)
+            name = naming(config) if naming else _readable_name(params, dotted=False)
         except ValueError as error:  # an int too long to write out (sys.set_int_max_str_digits)
             raise ConfigError(f"config #{index}: {error}") from None
         if not (type(name) is str and _plain_name(name)):
