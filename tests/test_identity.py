@@ -273,9 +273,9 @@ def test_name_configs_keeps_order_and_full_params() -> None:
     configs = [Config("b", 0.2), Config("a", 0.1, seed=1)]
     named = identity.name_configs(configs)
     assert list(named) == ["lr=0.2,model=b", "lr=0.1,model=a,seed=1"]
-    assert named["lr=0.2,model=b"] == identity.NamedConfig(
-        configs[0], {"lr": 0.2, "model": "b", "seed": 0}
-    )
+    first = named["lr=0.2,model=b"]
+    assert first.config is configs[0]
+    assert first.params == {"lr": 0.2, "model": "b", "seed": 0}
     assert dataclasses.is_dataclass(named["lr=0.1,model=a,seed=1"].config)
 
 
@@ -433,3 +433,140 @@ def test_an_old_state_keeps_its_hashed_names(tmp_path: Path) -> None:
         function=prompt_length, configs=HASHED_CONFIGS, output_dir=tmp_path / "new"
     )
     assert list(fresh.named_configs())[3] == "model=naïve,prompt=cot"
+
+
+# --- default names never clash -------------------------------------------------------------
+
+
+def _value(config: dict[str, Any]) -> dict[str, Any]:
+    return {"keys": sorted(config)}
+
+
+CLASHING_SWEEPS = {
+    "sharp s": [{"x": "ß"}, {"x": "ss"}],
+    "sigma": [{"x": "Σ"}, {"x": "\u03c3"}, {"x": "ς"}],
+    "ligature": [{"x": "ﬁ"}, {"x": "fi"}],
+    "roman numeral": [{"x": "Ⅻ"}, {"x": "ⅻ"}],
+    "ascii case": [{"x": "A"}, {"x": "a"}],
+    "keys in case": [{"LR": 1}, {"lr": 1}],
+    "no canonical member": [{"x": "ß"}, {"x": "SS"}],
+    "nested and dotted": [{"a": {"b": 1}}, {"a.b": 1}],
+    "one config, two values": [{"a": {"b": 1}, "a.b": 2}],
+    "leading dash": [{"-x": 1}],
+    "leading dash, more keys": [{"-x": 1, "b": 2}, {"-x": 2}],
+}
+
+
+@pytest.mark.parametrize("configs", list(CLASHING_SWEEPS.values()), ids=list(CLASHING_SWEEPS))
+def test_default_names_never_clash_and_are_safe(tmp_path: Path, configs: list[Any]) -> None:
+    """Distinct configs always run under the default naming: names that differ in more than
+    case, safe and short, whatever order the configs come in."""
+    experiment = resweep.Experiment(function=_value, configs=configs, output_dir=tmp_path / "o")
+    report = experiment.run(backend="sequential", progress=False)
+    assert (report.done, report.failed) == (len(configs), 0)
+    names = list(experiment.read_state().configs)
+    assert len({identity.fold(n) for n in names}) == len(configs)
+    for name in names:
+        _within_limits(name)
+    assert list(identity.name_configs(configs)) == names
+    assert set(identity.name_configs(list(reversed(configs)))) == set(names)
+    # Each config's own directory holds its own result.
+    for name, config in zip(names, configs, strict=True):
+        assert experiment.result(name) == _value(config)
+
+
+def test_clashing_default_names_are_golden() -> None:
+    """Of names that differ only in case, one already in folded form stays readable; the others
+    keep a readable prefix and a hash. A dotted key or a leading '-' leaves the hash alone."""
+    named = [list(identity.name_configs(configs)) for configs in CLASHING_SWEEPS.values()]
+    assert named == [
+        ["x=ß,\u2026-7acca5d07284", "x=ss"],
+        ["x=Σ,\u2026-d5387b78aa42", "x=\u03c3", "x=ς,\u2026-0b9f5eca2bf4"],
+        ["x=ﬁ,\u2026-1cf0e834f4fa", "x=fi"],
+        ["x=Ⅻ,\u2026-1b0d1446d078", "x=ⅻ"],
+        ["x=A,\u2026-e659309e3f8b", "x=a"],
+        [f"LR=1,\u2026-{identity.config_hash({'LR': 1})}", "lr=1"],
+        ["x=ß,\u2026-7acca5d07284", "x=SS,\u2026-eb3bb7ebbd67"],
+        ["a.b=1", "6e28a28bd896"],
+        ["e6150677b44c"],
+        ["7618eab2b429"],
+        ["a9e8f5a731f3", identity.config_hash({"-x": 2})],
+    ]
+
+
+ORDINARY_NAMES = [
+    (Config("GPT-4", 0.1), "lr=0.1,model=GPT-4"),
+    (Config("a", 0.01, seed=2), "lr=0.01,model=a,seed=2"),
+    ({"Optimizer": "Adam", "batch": 32}, "Optimizer=Adam,batch=32"),
+    ({"model": "naïve", "prompt": "cot"}, "model=naïve,prompt=cot"),
+    ({"x": "Straße"}, "x=Straße"),
+    (Outer(lr=0.5, inner=Inner(depth=3)), "inner.depth=3,lr=0.5"),
+    ({"opt": {"lr": 0.1, "name": "SGD"}}, "opt.lr=0.1,opt.name=SGD"),
+    ({"a-b": 1, "+c": True}, "+c=True,a-b=1"),
+]
+
+
+def test_ordinary_names_are_unchanged() -> None:
+    """Configs that never clashed keep the names they always had, capitals included."""
+    configs = [config for config, _ in ORDINARY_NAMES]
+    assert list(identity.name_configs(configs)) == [name for _, name in ORDINARY_NAMES]
+    for config, name in ORDINARY_NAMES:
+        assert identity.default_name(identity.canonical(config)) == name
+
+
+def test_a_case_only_clash_in_custom_names_is_refused_in_plain_words() -> None:
+    """A config_naming that gives names equal but for case is still refused, grammatically."""
+    names = iter(["x=Straße", "X=STRASSE"])
+    with pytest.raises(ConfigError) as caught:
+        identity.name_configs([{"a": 1}, {"a": 2}], lambda c: next(names))
+    message = str(caught.value)
+    assert "name 'X=STRASSE' clashes with 'x=Straße'; names must differ in more than case" in (
+        message
+    )
+    assert "is clashes" not in message
+
+
+def _run_names(out: Path, configs: list[Any]) -> tuple[list[str], int]:
+    experiment = resweep.Experiment(function=_value, configs=configs, output_dir=out)
+    report = experiment.run(backend="sequential", progress=False)
+    return list(experiment.read_state().configs), report.executed
+
+
+def test_names_in_a_state_stay_as_configs_that_differ_in_case_come_and_go(tmp_path: Path) -> None:
+    """A config keeps the name the state holds it under when another that differs from it only
+    in case is added or removed; nothing done runs again and no two names clash on disk."""
+    out = tmp_path / "out"
+    assert _run_names(out, [{"x": "A"}]) == (["x=A"], 1)
+    # Added: the new config's name is made to differ from the stored one in more than case.
+    names, executed = _run_names(out, [{"x": "A"}, {"x": "a"}])
+    assert executed == 1 and names[0] == "x=A"
+    assert names[1] == f"x=a,\u2026-{identity.config_hash({'x': 'a'})}"
+    # Removed and added again: every config keeps its stored name.
+    assert _run_names(out, [{"x": "a"}]) == (names, 0)
+    assert _run_names(out, [{"x": "a"}, {"x": "A"}]) == (names, 0)
+    # A fresh sweep of both names them by the rule; removing one keeps the other's name.
+    fresh = tmp_path / "fresh"
+    both, _ = _run_names(fresh, [{"x": "A"}, {"x": "a"}])
+    assert both == ["x=A,\u2026-e659309e3f8b", "x=a"]
+    assert _run_names(fresh, [{"x": "A"}]) == (both, 0)
+    assert _run_names(fresh, [{"x": "A"}, {"x": "a"}]) == (both, 0)
+    assert len({identity.fold(n) for n in both}) == 2
+    # A config replaced by its case twin: the newcomer must not share the stored one's directory.
+    swapped = tmp_path / "swapped"
+    assert _run_names(swapped, [{"x": "A"}]) == (["x=A"], 1)
+    assert _run_names(swapped, [{"x": "a"}]) == (["x=A", names[1]], 1)
+
+
+def test_a_config_with_a_dotted_key_keeps_its_readable_name_in_an_older_state(
+    tmp_path: Path,
+) -> None:
+    """A state from naming version 3 holds {"a.b": 1} as a.b=1: the config keeps that name,
+    matched by its params, and the nested config that flattens alike is not taken for it."""
+    out = tmp_path / "out"
+    assert _run_names(out, [{"a.b": 1}]) == (["6e28a28bd896"], 1)
+    state = out / "experiment.yaml"
+    state.write_text(state.read_text(encoding="utf-8").replace("6e28a28bd896", "a.b=1"))
+    assert _run_names(out, [{"a.b": 1}]) == (["a.b=1"], 0)
+    # The nested config named a.b=1 by today's rule is not the stored one: refused, not merged.
+    with pytest.raises(ConfigError, match=r"'a\.b=1' is stored for \{'a\.b': 1\}"):
+        _run_names(out, [{"a": {"b": 1}}])

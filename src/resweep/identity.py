@@ -13,7 +13,7 @@ import re
 import types
 import typing
 import unicodedata
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from resweep.errors import ConfigError
@@ -275,30 +275,79 @@ def default_name(params: Params) -> str:
     them that fits, cut at a pair, then a hash of the canonical form: a,b,…-0123456789ab.
 
     Every name fits in MAX_READABLE_NAME_CHARS characters and MAX_NAME_BYTES bytes; a config
-    whose first pair is not readable, or does not fit, is named by the hash alone.
+    whose first pair is not readable, or does not fit, is named by the hash alone, and so is a
+    config with a dot in a key, whose flattened pairs could be another config's. In a sweep,
+    name_configs gives configs whose names differ only in case the hashed form (distinct_name).
     """
-    parts = []
+    return _readable_name(params, dotted=False)
+
+
+def _readable_name(params: Params, *, dotted: bool = True) -> str:
+    """The default name; with dotted, as naming version 3 gave it, which spelled out dotted keys."""
+    parts, readable = _readable_pairs(params, dotted)
+    if readable and parts:
+        name = ",".join(parts)
+        if len(name) <= MAX_READABLE_NAME_CHARS and (
+            name.isascii() or len(name.encode()) <= MAX_NAME_BYTES
+        ):
+            return name
+    return _abbreviated(parts, params)
+
+
+def _readable_pairs(params: Params, dotted: bool = False) -> tuple[list[str], bool]:
+    """The flattened key=value pairs up to the first unreadable one, and whether all are readable.
+
+    A name must not start with '-' (a command line would take it for an option): a first key
+    that does is unreadable, which leaves the hash alone. So is any key of a config with a dot
+    in a key, unless dotted.
+    """
+    parts: list[str] = []
     length = -1
-    readable = True
+    checked = dotted
     for key, value in flatten(params).items():
         token = _fast_token(value)
         if token is None:
-            readable = False
-            break
-        if key not in _SAFE_KEYS:
-            if not _safe_text(key):
-                readable = False
-                break
-            if len(_SAFE_KEYS) < _STRING_TOKENS_MAX:
+            return parts, False
+        if key not in _SAFE_KEYS:  # safe keys with neither a dot nor a leading '-'
+            if not _safe_text(key) or (not parts and key.startswith("-")):
+                return parts, False
+            if "." in key:
+                if not checked:  # a dot of nesting, or one in a key: look once
+                    if _has_dotted_key(params):
+                        return [], False
+                    checked = True
+            elif not key.startswith("-") and len(_SAFE_KEYS) < _STRING_TOKENS_MAX:
                 _SAFE_KEYS.add(key)
         part = f"{key}={token}"
         length += len(part) + 1
         parts.append(part)
-    if readable and parts and length <= MAX_READABLE_NAME_CHARS:
-        name = ",".join(parts)
-        if name.isascii() or len(name.encode()) <= MAX_NAME_BYTES:
-            return name
-    return _abbreviated(parts, params)
+        if length > MAX_READABLE_NAME_CHARS:
+            break  # too long already: the pairs past the prefix are never read
+    return parts, length <= MAX_READABLE_NAME_CHARS
+
+
+def distinct_name(params: Params) -> str:
+    """The name of a config whose readable name differs from another's only in case: the
+    readable prefix that fits and the hash, so that the two differ on every filesystem."""
+    return _abbreviated(_readable_pairs(params)[0], params)
+
+
+def _has_dotted_key(params: Mapping[str, Any]) -> bool:
+    """Whether a key, at any depth that flatten walks, holds a dot: {"a.b": 1} and
+    {"a": {"b": 1}} flatten alike, so neither pair can name such a config."""
+    if "." in "".join(params):
+        return True
+    if dict not in set(map(type, params.values())):
+        return False
+    return any(type(value) is dict and _has_dotted_key(value) for value in params.values())
+
+
+def fold(name: str) -> str:
+    """What of a name a case-insensitive filesystem sees: two names with one fold share a
+    directory on macOS or Windows. Full case folding, canonical (NFC) form."""
+    if name.isascii():
+        return name.lower()
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", name).casefold())
 
 
 def _abbreviated(parts: list[str], params: Params) -> str:
@@ -376,60 +425,160 @@ class NamedConfig:
 
     config: Any
     params: Params
-    # The default name an older resweep gave it, where that differs (see former_name).
-    former: str | None = None
+    # Other default names this config has or had, which a state file may hold it under: those of
+    # older resweeps (see former_name), its readable name when it differs from another config's
+    # only in case (see name_configs), or () for its hashed name (see keep_stored_names).
+    former: tuple[str, ...] | None = None
 
 
 def name_configs(
     configs: Sequence[Any], naming: Callable[[Any], str] | None = None
 ) -> dict[str, NamedConfig]:
-    """Every config by name with its full params; unsafe or duplicate names fail here."""
-    named: dict[str, NamedConfig] = {}
-    identities: dict[str, Params] = {}
-    folded: dict[str, str] = {}
+    """Every config by name with its full params; unsafe or duplicate names fail here.
+
+    Default names never clash: configs whose names differ only in case or Unicode form (which a
+    case-insensitive filesystem cannot tell apart) get their distinct_name, all but the one
+    whose name is its own fold (x=ss, x=a) and so the same in every sweep.
+    """
+    entries: list[tuple[Any, Params, Params, str]] = []
     for index, config in enumerate(configs):
         try:
             params, full = _canonical_pair(config)
         except ConfigError as error:
             raise ConfigError(f"config #{index}: {error}") from None
         try:
-            name = naming(config) if naming else default_name(params)
+            name = naming(config) if naming else _readable_name(params, dotted=False)
         except ValueError as error:  # an int too long to write out (sys.set_int_max_str_digits)
             raise ConfigError(f"config #{index}: {error}") from None
         if not (type(name) is str and _plain_name(name)):
             check_name(name, f"config #{index}")
+        entries.append((config, params, full, name))
+    folds = [fold(e[3]) for e in entries]
+    clashing = set() if naming else _shared_folds(entries, folds)
+    named: dict[str, NamedConfig] = {}
+    identities: dict[str, Params] = {}
+    folded: dict[str, str] = {}
+    for index, (config, params, full, name) in enumerate(entries):
+        key = folds[index]
+        former = None
+        if not naming:
+            readable = name  # its name up to naming version 3
+            if key in clashing and name != key:
+                name = distinct_name(params)
+                key = fold(name)
+            elif "=" not in name and _has_dotted_key(params):
+                readable = _readable_name(params)
+            # Most names are readable ASCII, which no older resweep named otherwise.
+            ascii_pairs = name == readable and name.isascii() and "=" in name
+            former = () if ascii_pairs else _former_names(name, readable, params)
         # Two names differing only in case share one directory on macOS and Windows.
-        clash = folded.get(name.casefold())
+        clash = folded.get(key)
         if clash is not None:
-            same = identities[clash] == params and clash == name
-            detail = "the same config twice" if same else f"clashes with {clash!r}"
-            raise ConfigError(f"config #{index}: name {name!r} is {detail}; names must be unique")
-        folded[name.casefold()] = name
+            if identities[clash] == params and clash == name:
+                problem = "is the same config twice; list each config once"
+            else:
+                problem = f"clashes with {clash!r}; names must differ in more than case"
+            raise ConfigError(f"config #{index}: name {name!r} {problem}")
+        folded[key] = name
         identities[name] = params
-        former = None if naming or name.isascii() else former_name(name, params)
         named[name] = NamedConfig(config, full, former)
     return named
 
 
-def keep_stored_names(
-    named: dict[str, NamedConfig], stored: Container[str]
-) -> dict[str, NamedConfig]:
-    """named, with each config that a state holds under its former name under that name.
+def _shared_folds(entries: Sequence[tuple[Any, Params, Params, str]], folds: list[str]) -> set[str]:
+    """The folds that two or more different names share."""
+    first: dict[str, str] = {}
+    shared = set()
+    for (_, _, _, name), key in zip(entries, folds, strict=True):
+        if first.setdefault(key, name) != name:
+            shared.add(key)
+    return shared
 
-    A config is matched by its canonical form (its former name is a hash of it), never renamed.
+
+def _former_names(name: str, readable: str, params: Params) -> tuple[str, ...] | None:
+    """The other names a state file may hold this config under (see NamedConfig.former).
+
+    readable is the name naming version 3 gave it. A readable name is hashed where a state holds
+    another config under a name that differs from it only in case: its former names are then
+    empty, for keep_stored_names to look for its hashed name only when there is a state.
+    """
+    names = []
+    if readable != name:
+        names.append(readable)
+    if not readable.isascii():
+        older = former_name(readable, params)
+        if older is not None and older != name:
+            names.append(older)
+    if names:
+        return tuple(dict.fromkeys(names))
+    return () if _spelled_out(name) else None
+
+
+def _spelled_out(name: str) -> bool:
+    """Whether name is readable pairs in full, without a hash."""
+    return "=" in name and ABBREVIATION not in name
+
+
+def keep_stored_names(
+    named: dict[str, NamedConfig], stored: Mapping[str, Any]
+) -> dict[str, NamedConfig]:
+    """named, with each config that a state holds under another of its names under that name.
+
+    stored maps the state's names to their records. A config is matched by its canonical form:
+    a hashed name is a digest of it, and a readable one must hold the config's params. A new
+    name that differs only in case from one in the state gets the config's distinct_name.
     """
     if not any(c.former is not None for c in named.values()):
         return named
+    kept: dict[str, NamedConfig] = {}
+    unmatched = []
+    for name, config in named.items():
+        if name not in stored and config.former is not None:
+            for other in _other_names(name, config):
+                if (
+                    other in stored
+                    and other not in named
+                    and other not in kept
+                    and _holds(stored[other], other, config)
+                ):
+                    name = other
+                    break
+        kept[name] = config
+        if name not in stored:
+            unmatched.append(name)
+    folds = {fold(n): n for n in stored} if unmatched else {}
+    clashing = {n for n in unmatched if fold(n) in folds}
+    if not clashing:
+        return kept
     return {
-        (c.former if c.former is not None and n not in stored and c.former in stored else n): c
-        for n, c in named.items()
+        (distinct_name(canonical(c.config)) if n in clashing else n): c for n, c in kept.items()
     }
+
+
+def _other_names(name: str, config: NamedConfig) -> Iterator[str]:
+    """The names a state may hold this config under besides name, likeliest first."""
+    yield from config.former or ()
+    if _spelled_out(name):
+        yield distinct_name(canonical(config.config))
+
+
+def _holds(record: Any, name: str, config: NamedConfig) -> bool:
+    """Whether a state's record under name holds this config. A hashed name is a digest of the
+    config's canonical form; a readable one must hold its params, but for fields added since."""
+    if not _spelled_out(name):
+        return True
+    stored = record.get("params") if isinstance(record, Mapping) else None
+    if not isinstance(stored, Mapping) or not stored.keys() <= config.params.keys():
+        return False
+    return canonical_json({k: config.params[k] for k in stored}) == canonical_json(stored)
 
 
 # Bump when the canonical form or the default names change: older digests then match nothing.
 # 2: a field at a NaN default is left out like any other; -0.0 is no longer the default 0.0.
 # 3: a long name keeps a readable prefix before its hash; letters of any script are readable.
-NAMING_VERSION = 3
+# 4: a config with a dot in a key is named by its hash; names that differ from another config's
+#    only in case are hashed; a name whose first key starts with '-' is the hash alone.
+NAMING_VERSION = 4
 
 
 class _ClassRecorder(pickle.Pickler):

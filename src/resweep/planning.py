@@ -56,6 +56,13 @@ def merge(
                 f"config name {config!r} is stored with {key}={old!r}, but now has {key}={new!r}; "
                 "config_naming must give different configs different names"
             )
+        regrouped = _regrouped(stored, params)
+        if regrouped:
+            raise ConfigError(
+                f"config name {config!r} is stored for {stored!r}, but now names {params!r}, "
+                f"another config whose key {regrouped!r} is nested otherwise; remove the stored "
+                "one from the state or give the configs a config_naming"
+            )
         if json.dumps(record["params"], sort_keys=True) != json.dumps(params, sort_keys=True):
             record["params"] = params
             changed_state = True
@@ -74,6 +81,25 @@ def _changed_params(
         elif not _same_param(old, new):
             changed.append((f"{prefix}{key}", old, new))
     return changed
+
+
+def _regrouped(stored: dict[str, Any], params: dict[str, Any]) -> str | None:
+    """A dotted key both sides have at different depths: {"a.b": 1} is not {"a": {"b": 1}},
+    though both flatten to a.b=1 (a name an older resweep gave the first)."""
+    old, new = _paths(stored), _paths(params)
+    return next((key for key in sorted(old.keys() & new.keys()) if old[key] != new[key]), None)
+
+
+def _paths(value: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
+    """Each flattened key with the keys it is made of."""
+    out: dict[str, tuple[str, ...]] = {}
+    for key, item in value.items():
+        path = (*prefix, key)
+        if isinstance(item, dict) and item:
+            out.update(_paths(item, path))
+        else:
+            out[".".join(path)] = path
+    return out
 
 
 def _same_param(old: Any, new: Any) -> bool:
