@@ -476,8 +476,10 @@ def name_configs(
         if clash is not None:
             if identities[clash] == params and clash == name:
                 problem = "is the same config twice; list each config once"
+            elif clash == name:
+                problem = "is given to two different configs; names must be unique"
             else:
-                problem = f"clashes with {clash!r}; names must differ in more than case"
+                problem = f"clashes with {clash!r}; names must be unique in more than case"
             raise ConfigError(f"config #{index}: name {name!r} {problem}")
         folded[key] = name
         identities[name] = params
