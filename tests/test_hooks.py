@@ -810,6 +810,7 @@ class Vandal:
         outcome.result["curve"].append(99)
 
 
+@pytest.mark.filterwarnings("ignore:extensions namespace:resweep.ResweepWarning")
 def test_hooks_get_copies_and_cannot_change_the_state(tmp_path: Path) -> None:
     """A hook that changes the params, the result or the extensions it is handed changes its own
     copies: the state, summary.csv, the user's extensions and the next hook's view stay as they
