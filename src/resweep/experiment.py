@@ -270,23 +270,15 @@ class Experiment:
         from resweep.hooks import prepare
         from resweep.replay import replay_experiment
 
-        selection = Selection.of(None, where)
-        if not hooks:
-            return replay_experiment(
-                self,
-                name,
-                pdb=pdb,
-                failed=failed,
-                allow_pickle=allow_pickle,
-                selection=selection,
+        dispatcher = None
+        if hooks:
+            dispatcher = prepare(
+                self.hook_specs(),
+                output_dir=self.store.root,
+                experiment=self.name,
+                backend="replay",
+                max_workers=1,
             )
-        dispatcher = prepare(
-            self.hook_specs(),
-            output_dir=self.store.root,
-            experiment=self.name,
-            backend="replay",
-            max_workers=1,
-        )
         try:
             return replay_experiment(
                 self,
@@ -294,11 +286,12 @@ class Experiment:
                 pdb=pdb,
                 failed=failed,
                 allow_pickle=allow_pickle,
-                selection=selection,
+                selection=Selection.of(None, where),
                 hooks=dispatcher,
             )
         except (Exception, KeyboardInterrupt) as error:
-            dispatcher.error(error)
+            if dispatcher is not None:
+                dispatcher.error(error)
             raise
 
     # -- summaries and maintenance -------------------------------------------------------
