@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,6 +149,26 @@ def test_each_finished_config_is_one_nested_mlflow_run(
     children = check_runs(tmp_path, env)
     (failed,) = [r for r in children if r.data.tags["resweep.status"] == "failed"]
     assert failed.data.tags["resweep.attempts"] == "2"
+
+
+def test_an_output_dir_with_quotes_and_backslashes_is_found_again(
+    tmp_path: Path, write_script: Any, env: dict[str, str]
+) -> None:
+    """A path holding ' or \\ is no filter-string trouble: running the sweep again finds its
+    parent run and its config runs, and logs nothing twice."""
+    odd = tmp_path / "it's a\\b"
+    odd.mkdir()
+    script = odd / "exp.py"
+    shutil.copy(write_script(SCRIPT), script)
+    for _ in range(2):
+        proc = run_script(script, "run", "--backend", "sequential", env={**env, "FIXED": "1"})
+        assert proc.returncode == 0, proc.stderr
+        (odd / "out" / ".finished.json").unlink()  # the next run reads everything again
+    parent, children = child_runs(env)
+    assert parent.data.tags["resweep.output_dir"] == str(odd / "out")
+    assert sorted(r.data.tags["resweep.config"] for r in children) == sorted(
+        f"i={i},opt.lr=0.1" for i in range(N)
+    )
 
 
 def test_a_failed_config_that_later_succeeds_loses_its_error_tag(

@@ -20,6 +20,9 @@ from resweep.identity import flatten
 
 # Tags that tie MLflow runs to a resweep experiment directory and a config.
 TAG_DIR = "resweep.output_dir"
+# A digest of the output directory, which runs are searched by: a path may hold quotes or
+# backslashes that MLflow's filter strings do not read back as written.
+TAG_DIR_ID = "resweep.output_dir_id"
 TAG_ROLE = "resweep.role"
 TAG_CONFIG = "resweep.config"
 TAG_STATUS = "resweep.status"
@@ -40,6 +43,13 @@ def _millis(timestamp: str | None) -> int | None:
         return int(datetime.datetime.fromisoformat(timestamp).timestamp() * 1000)
     except ValueError:
         return None
+
+
+def _directory_id(output_dir: str) -> str:
+    """16 hex digits of the output directory's path: safe inside any filter string."""
+    import hashlib
+
+    return hashlib.sha256(output_dir.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def _quoted(value: str) -> str:
@@ -196,7 +206,7 @@ class MlflowHook:
     def _parent(self, context: HookContext, name: str) -> str:
         where = self.output_dir
         found = self._search(
-            f"tags.`{TAG_DIR}` = {_quoted(where)} and tags.`{TAG_ROLE}` = 'experiment'"
+            f"tags.`{TAG_DIR_ID}` = '{_directory_id(where)}' and tags.`{TAG_ROLE}` = 'experiment'"
         )
         if found:
             run_id: str = found[0].info.run_id
@@ -205,7 +215,12 @@ class MlflowHook:
         run = self.client.create_run(
             self.experiment_id,
             run_name=name,
-            tags={TAG_DIR: where, TAG_ROLE: "experiment", "mlflow.runName": name},
+            tags={
+                TAG_DIR_ID: _directory_id(where),
+                TAG_DIR: where,
+                TAG_ROLE: "experiment",
+                "mlflow.runName": name,
+            },
         )
         return str(run.info.run_id)
 
@@ -218,7 +233,7 @@ class MlflowHook:
         it is deleted here and its config logged again.
         """
         found: dict[str, Any] = {}
-        for run in self._search(f"tags.`{TAG_DIR}` = {_quoted(self.output_dir)}"):
+        for run in self._search(f"tags.`{TAG_DIR_ID}` = '{_directory_id(self.output_dir)}'"):
             found[run.info.run_id] = run
         for run in self._search(f"tags.`mlflow.parentRunId` = {_quoted(str(self.parent_id))}"):
             found[run.info.run_id] = run
@@ -272,6 +287,7 @@ class MlflowHook:
         # In this order: a store that writes tags one at a time writes the ones that tie the
         # run to this directory first, then its config; a run cut short is found and redone.
         tags = {
+            TAG_DIR_ID: _directory_id(self.output_dir),
             TAG_DIR: self.output_dir,
             "mlflow.parentRunId": str(self.parent_id),
             TAG_CONFIG: name,
