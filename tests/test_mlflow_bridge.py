@@ -203,18 +203,7 @@ def test_a_killed_and_resumed_sweep_logs_every_config_once(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    try:
-        started = tmp_path / "started4"
-        deadline = time.monotonic() + 90
-        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert started.exists(), proc.stderr.read() if proc.stderr else ""
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-        if proc.stderr:
-            proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when(proc, tmp_path / "started4")
     _, before = child_runs(env)
     assert "i=4,opt.lr=0.1" not in {r.data.tags["resweep.config"] for r in before}
 

@@ -355,8 +355,8 @@ def test_hand_edit_failed_to_todo_is_honoured(tmp_path: Path) -> None:
     assert configs["lr=0.2,model=b"]["status"] == "failed"
 
 
-def test_configs_left_running_are_settled_by_the_next_run(tmp_path: Path) -> None:
-    """A config left running with its result written is done; one without a result runs again."""
+def finished_then_left_running(tmp_path: Path) -> Any:
+    """Two configs run to the end, then shown running, as a run that died would leave them."""
     experiment = make(tmp_path, fine, CONFIGS[:2])
     run(experiment)
     path = tmp_path / "out" / "experiment.yaml"
@@ -364,6 +364,12 @@ def test_configs_left_running_are_settled_by_the_next_run(tmp_path: Path) -> Non
         path.read_text(encoding="utf-8").replace('"status": "done"', '"status": "running"'),
         encoding="utf-8",
     )
+    return experiment
+
+
+def test_configs_left_running_are_settled_by_the_next_run(tmp_path: Path) -> None:
+    """A config left running with its result written is done; one without a result runs again."""
+    experiment = finished_then_left_running(tmp_path)
     # As a worker leaves it: config a's result in its results file, config b's not.
     session = experiment.config_record("lr=0.1,model=a")["session"]
     kept = files.ResultLog(tmp_path / "out" / files.RESULTS_DIR)
@@ -388,13 +394,7 @@ def test_a_directory_from_an_earlier_version_settles_from_its_result_files(
 ) -> None:
     """Earlier versions kept a result.yaml per done config: one a dead run left running with
     its result.yaml written is done with that result, not run again."""
-    experiment = make(tmp_path, fine, CONFIGS[:2])
-    run(experiment)
-    path = tmp_path / "out" / "experiment.yaml"
-    path.write_text(
-        path.read_text(encoding="utf-8").replace('"status": "done"', '"status": "running"'),
-        encoding="utf-8",
-    )
+    experiment = finished_then_left_running(tmp_path)
     old = tmp_path / "out" / "configs" / "lr=0.1,model=a"
     old.mkdir(parents=True)
     result_line = '{"score": 0.75}'

@@ -13,9 +13,11 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from conftest import run_script
 from resweep.lock import RunInfo
 from resweep.status import StatusReport, duration_text, snapshot_lines
 from terminal import Terminal
@@ -344,12 +346,23 @@ def test_a_snapshot_line_of_wide_characters_fits_the_width_in_columns() -> None:
     assert "宽字符" in snapshot_lines(report, width=79, now=now)[3]
 
 
-def test_status_failed_escapes_control_characters(script: Path) -> None:
-    """An error line holding escape sequences cannot clear or recolour the reader's terminal."""
-    from resweep.status import printable
+def test_status_failed_escapes_control_characters(write_script: Any) -> None:
+    """An error line holding escape sequences cannot clear or recolour the reader's terminal:
+    status --failed prints it escaped."""
+    script = write_script(
+        """
+        def work(config):
+            raise RuntimeError("\\x1b[2J\\x1b[31mred error")
 
-    assert printable("RuntimeError: \x1b[2Jred\nnext") == "RuntimeError: \\x1b[2Jred\\nnext"
-    assert printable("plain 🎉") == "plain 🎉"
+
+        experiment = resweep.Experiment(function=work, configs=[{"i": 1}], output_dir=OUT)
+        """
+    )
+    assert run_script(script, "run", "--backend", "sequential", "--noprogress").returncode == 1
+    status = run_script(script, "status", "--failed")
+    assert status.returncode == 0, status.stderr
+    assert "\x1b" not in status.stdout
+    assert "i=1: RuntimeError: \\x1b[2J\\x1b[31mred error" in status.stdout
 
 
 @pytest.mark.parametrize(
